@@ -1,0 +1,174 @@
+"""The fusecache command: mount, umount."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import NoReturn
+
+from fusecache import __version__
+from fusecache.config import (
+    CacheConfig,
+    KernelConfig,
+    MountConfig,
+    format_size,
+    memory_limit,
+    parse_size,
+)
+from fusecache.mount import (
+    MountError,
+    fusermount_unmount,
+    is_stale_mount,
+    run_daemon,
+    run_foreground,
+    runtime_dir,
+    unmount,
+)
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input: one line for the user, exit code 2, nothing mounted."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fusecache",
+        description="A read-only caching layer over a slow FUSE mount such as ossfs: "
+        "large parallel read-ahead, a memory block cache, and kernel page-cache reuse.",
+    )
+    parser.add_argument("--version", action="version", version=f"fusecache {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    m = sub.add_parser(
+        "mount",
+        help="mount SOURCE read-only at MOUNTPOINT with caching",
+        description="Mount SOURCE (a directory, usually an object-store mount) read-only at "
+        "MOUNTPOINT. Returns once the mount answers, leaving a daemon in the background; "
+        "fails with one line and exit code 2 on bad input.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m.add_argument("source", type=Path, help="the directory to cache (e.g. /mnt/oss)")
+    m.add_argument("mountpoint", type=Path, help="an empty directory to mount at")
+    m.add_argument("-f", "--foreground", action="store_true",
+                   help="stay attached and log to stderr instead of starting a daemon")
+    m.add_argument("--mem-cache", type=_size, default=None, metavar="SIZE",
+                   help="memory for cached blocks (default: a quarter of the container's "
+                   "memory limit)")
+    m.add_argument("--read-ahead-kb", type=int, default=KernelConfig.read_ahead_kb,
+                   metavar="KB", help="kernel read-ahead for the mount (needs root)")
+    m.add_argument("--max-background", type=int, default=KernelConfig.max_background,
+                   metavar="N", help="kernel limit on parallel background requests (needs root)")
+    m.add_argument("--attr-timeout", type=float, default=KernelConfig.attr_timeout,
+                   metavar="SEC", help="seconds the kernel trusts names and attributes; a "
+                   "changed lower file is noticed on open or after this")
+    m.add_argument("--allow-other", action=argparse.BooleanOptionalAction,
+                   default=os.geteuid() == 0,
+                   help="let other users read the mount (default: on when run as root)")
+    m.add_argument("--force", action="store_true",
+                   help="clear a stale mount left at MOUNTPOINT by a killed daemon")
+    m.add_argument("--log-file", type=Path, default=None, metavar="FILE",
+                   help="daemon log (default: RUNTIME_DIR/<mountpoint>.log, printed on mount)")
+    m.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+
+    u = sub.add_parser("umount", help="unmount and wait for the daemon to exit",
+                       description="Unmount a fusecache mount and wait for its daemon to exit.")
+    u.add_argument("mountpoint", type=Path)
+    return parser
+
+
+def check_mount_args(source: Path, mountpoint: Path, force: bool) -> None:
+    """Raise UsageError for input that must not be mounted."""
+    if not source.exists():
+        raise UsageError(f"source {source} does not exist")
+    if not source.is_dir():
+        raise UsageError(f"source {source} is not a directory")
+    if is_stale_mount(mountpoint):
+        if not force:
+            raise UsageError(
+                f"{mountpoint} is a stale FUSE mount left by a dead daemon (Transport endpoint "
+                f"is not connected); clear it with 'fusermount3 -uz {mountpoint}' or pass --force"
+            )
+        err = fusermount_unmount(mountpoint, lazy=True)
+        if err is not None:
+            raise UsageError(f"cannot clear the stale mount at {mountpoint}: {err}")
+    if not mountpoint.exists():
+        raise UsageError(f"mountpoint {mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"mountpoint {mountpoint} is already a mount point")
+    if any(os.scandir(mountpoint)):
+        raise UsageError(f"mountpoint {mountpoint} is not empty")
+    src, mnt = source.resolve(), mountpoint.resolve()
+    if src == mnt:
+        raise UsageError("source and mountpoint are the same directory")
+    if src in mnt.parents or mnt in src.parents:
+        raise UsageError("source and mountpoint must not be inside one another")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s fusecache[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _mount(args: argparse.Namespace) -> int:
+    check_mount_args(args.source, args.mountpoint, args.force)
+    mem = args.mem_cache if args.mem_cache is not None else memory_limit() // 4
+    config = MountConfig(
+        source=args.source.resolve(),
+        mountpoint=args.mountpoint.resolve(),
+        cache=replace(CacheConfig(), mem_bytes=mem),
+        kernel=replace(KernelConfig(), read_ahead_kb=args.read_ahead_kb,
+                       max_background=args.max_background,
+                       congestion_threshold=args.max_background * 3 // 4,
+                       attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout),
+        allow_other=args.allow_other,
+    )
+    logging.getLogger(__name__).debug("memory cache %s", format_size(mem))
+    if args.foreground:
+        _setup_logging(args.verbose)
+        return run_foreground(config)
+    slug = str(config.mountpoint).strip("/").replace("/", "_") or "root"
+    log_file = args.log_file or runtime_dir() / f"{slug}.log"
+    return run_daemon(config, log_file, lambda: _setup_logging(args.verbose))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            return _mount(args)
+        if args.command == "umount":
+            if not os.path.ismount(args.mountpoint) and not is_stale_mount(args.mountpoint):
+                raise UsageError(f"{args.mountpoint} is not mounted")
+            unmount(args.mountpoint)
+            return 0
+    except UsageError as exc:
+        print(f"fusecache: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MountError as exc:
+        print(f"fusecache: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError(f"unhandled command {args.command}")

@@ -1,0 +1,105 @@
+"""Settings: one frozen dataclass per part, every default explained."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
+
+
+def parse_size(text: str) -> int:
+    """Parse '512M', '4GiB', '1.5g' or a plain byte count; raise ValueError otherwise."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"cannot parse size {text!r} (use e.g. 512M, 4G, 1.5GiB)")
+    number, unit, _ = m.groups()
+    return int(float(number) * _UNITS[unit.lower()])
+
+
+def format_size(n: float) -> str:
+    """Human-readable binary size, e.g. '1.5 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def memory_limit() -> int:
+    """The memory this container may use: cgroup v2 or v1 limit, else physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < physical:
+            return int(text)
+    return physical
+
+
+def default_cache_dir() -> Path:
+    """Where the disk tier lives unless --cache-dir says otherwise."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/fusecache")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "fusecache"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The daemon's block cache."""
+
+    # 1 MiB blocks: the kernel's largest FUSE read is 1 MiB (max_pages 256), so a
+    # kernel request touches at most two blocks, and a 6 GB model is ~6000 entries.
+    block_size: int = 1 * MiB
+    # A quarter of the container's memory: the model server needs the rest to hold
+    # the model it loads. Computed at mount time (see mount.build_config).
+    mem_bytes: int = 256 * MiB
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """How the lower mount is called."""
+
+    # Demand reads are what a reader is blocked on; 16 in flight keeps several
+    # readers going without letting one burst take every worker thread.
+    demand_threads: int = 16
+    # stat/listdir/open on an object-store mount are HEAD/LIST requests that can
+    # take a second each; 8 in flight keeps `ls -l` of a model folder quick.
+    metadata_threads: int = 8
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """What the kernel is told after mounting."""
+
+    # Seconds the kernel may trust a name or attributes without asking: model
+    # stores change rarely, and every stat on the lower mount is a remote request.
+    entry_timeout: float = 60.0
+    attr_timeout: float = 60.0
+    # 4 MiB kernel read-ahead makes the kernel send 1 MiB requests, several ahead.
+    read_ahead_kb: int = 4096
+    # The kernel's default of 12 background requests starves parallel read-ahead.
+    max_background: int = 64
+    congestion_threshold: int = 48
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything one mount needs."""
+
+    source: Path
+    mountpoint: Path
+    cache: CacheConfig = CacheConfig()
+    lower: SourceConfig = SourceConfig()
+    kernel: KernelConfig = KernelConfig()
+    allow_other: bool = False

@@ -1,0 +1,246 @@
+"""The read-only filesystem over the lower mount. Imports no pyfuse3: tests call it directly."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import count
+
+import trio
+
+from fusecache.blockcache import BlockCache
+from fusecache.errors import FsError
+from fusecache.source import Identity, LowerSource
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1  # the FUSE protocol's fixed root inode
+
+
+@dataclass(frozen=True)
+class Attr:
+    """The attributes the kernel is given for one inode."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blksize: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class LowerFile:
+    """An open lower file shared by every handle on one version of it.
+
+    The fd stays open while a handle or a fetch holds a pin, and is closed
+    (in a worker thread, as the lower mount may block on close) after the last.
+    """
+
+    def __init__(self, fd: int, ident: Identity, source: LowerSource, nursery: trio.Nursery):
+        self.fd = fd
+        self.ident = ident
+        self.key = ident.key()
+        self.size = ident.size
+        self.display = os.fsdecode(ident.path)
+        self._pins = 1
+        self._source = source
+        self._nursery = nursery
+
+    @property
+    def closed(self) -> bool:
+        return self._pins == 0
+
+    def pin(self) -> None:
+        assert self._pins > 0, "pin on a closed lower file"
+        self._pins += 1
+
+    def unpin(self) -> None:
+        self._pins -= 1
+        if self._pins == 0:
+            self._nursery.start_soon(self._source.close, self.fd)
+
+
+@dataclass
+class Handle:
+    """One open() of a file by the kernel."""
+
+    ino: int
+    file: LowerFile
+
+
+class FilesystemCore:
+    """Lookups, attributes, directory listings and reads, all read-only.
+
+    *invalidate* is called (in a worker thread) with an inode number whose
+    kernel page cache must be dropped because the lower file changed.
+    """
+
+    def __init__(
+        self,
+        source: LowerSource,
+        cache: BlockCache,
+        nursery: trio.Nursery,
+        invalidate: Callable[[int], None] = lambda ino: None,
+    ) -> None:
+        self.source = source
+        self.cache = cache
+        self._nursery = nursery
+        self._invalidate = invalidate
+        self._path_of: dict[int, bytes] = {ROOT_INODE: b""}
+        self._ino_of: dict[bytes, int] = {b"": ROOT_INODE}
+        # Inode numbers stay fixed for a path for the life of the mount; the
+        # table is never trimmed (a model tree has thousands of names, not billions).
+        self._next_ino = count(ROOT_INODE + 1)
+        self._version: dict[int, tuple[int, int]] = {}  # ino -> (size, mtime_ns) last seen
+        self._open_files: dict[int, LowerFile] = {}  # ino -> newest open version
+        self._handles: dict[int, Handle] = {}
+        self._dir_listings: dict[int, list[tuple[bytes, Attr]]] = {}
+        self._next_fh = count(1)
+
+    # --- names and attributes -------------------------------------------
+
+    def path_of(self, ino: int) -> bytes:
+        try:
+            return self._path_of[ino]
+        except KeyError:
+            raise FsError(errno.ESTALE, f"unknown inode {ino}") from None
+
+    def _ino_for(self, path: bytes) -> int:
+        ino = self._ino_of.get(path)
+        if ino is None:
+            ino = next(self._next_ino)
+            self._ino_of[path] = ino
+            self._path_of[ino] = path
+        return ino
+
+    def _attr(self, ino: int, st: os.stat_result) -> Attr:
+        if stat.S_ISREG(st.st_mode):
+            self._note_version(ino, st.st_size, st.st_mtime_ns)
+        return Attr(
+            ino=ino,
+            # Read-only: the kernel then refuses writes before they reach us.
+            mode=st.st_mode & ~0o222,
+            nlink=st.st_nlink,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            rdev=st.st_rdev,
+            size=st.st_size,
+            blksize=self.cache.block_size,
+            blocks=st.st_blocks,
+            atime_ns=st.st_atime_ns,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+        )
+
+    def _note_version(self, ino: int, size: int, mtime_ns: int) -> bool:
+        """Record the lower file's version; on a change drop what we cached. True if changed."""
+        old = self._version.get(ino)
+        self._version[ino] = (size, mtime_ns)
+        if old is None or old == (size, mtime_ns):
+            return False
+        log.info("%s changed on the lower mount; dropping cached data",
+                 os.fsdecode(self._path_of.get(ino, b"?")))
+        stale = self._open_files.get(ino)
+        if stale is not None:
+            self.cache.forget_file(stale.key)
+        self._nursery.start_soon(trio.to_thread.run_sync, self._invalidate_quietly, ino)
+        return True
+
+    def _invalidate_quietly(self, ino: int) -> None:
+        try:
+            self._invalidate(ino)
+        except OSError as exc:  # the kernel may already have forgotten the inode
+            log.debug("invalidating inode %d: %s", ino, exc)
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        parent_path = self.path_of(parent)
+        path = parent_path + b"/" + name if parent_path else name
+        st = await self.source.lstat(path)
+        return self._attr(self._ino_for(path), st)
+
+    async def getattr(self, ino: int) -> Attr:
+        return self._attr(ino, await self.source.lstat(self.path_of(ino)))
+
+    async def readlink(self, ino: int) -> bytes:
+        return await self.source.readlink(self.path_of(ino))
+
+    async def opendir(self, ino: int) -> int:
+        """Snapshot a directory's entries with attributes; return a handle for readdir."""
+        path = self.path_of(ino)
+        names = sorted(await self.source.listdir(path))
+        entries = []
+        for name in names:
+            child = path + b"/" + name if path else name
+            try:
+                st = await self.source.lstat(child)
+            except FileNotFoundError:
+                continue  # removed between listing and stat
+            entries.append((name, self._attr(self._ino_for(child), st)))
+        fh = next(self._next_fh)
+        self._dir_listings[fh] = entries
+        return fh
+
+    def readdir(self, fh: int, start: int) -> list[tuple[bytes, Attr]]:
+        """Entries from position *start* of an opened directory."""
+        return self._dir_listings[fh][start:]
+
+    def releasedir(self, fh: int) -> None:
+        self._dir_listings.pop(fh, None)
+
+    async def statfs(self) -> os.statvfs_result:
+        return await self.source.statvfs()
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        return await self.source.getxattr(self.path_of(ino), name)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return await self.source.listxattr(self.path_of(ino))
+
+    # --- files ------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open a file for reading; return (fh, keep_cache).
+
+        keep_cache is False when the lower file changed since the kernel cached
+        its pages: the kernel then drops them itself.
+        """
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise FsError(errno.EROFS)
+        fd, ident = await self.source.open(self.path_of(ino))
+        changed = self._note_version(ino, ident.size, ident.mtime_ns)
+        current = self._open_files.get(ino)
+        if current is not None and not current.closed and current.key == ident.key():
+            current.pin()
+            self._nursery.start_soon(self.source.close, fd)
+            lower = current
+        else:
+            lower = LowerFile(fd, ident, self.source, self._nursery)
+            self._open_files[ino] = lower
+        fh = next(self._next_fh)
+        self._handles[fh] = Handle(ino, lower)
+        return fh, not changed
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
+        handle = self._handle(fh)
+        return await self.cache.read(handle.file, offset, size)
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.file.unpin()
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None

@@ -1,0 +1,218 @@
+"""The composition root: builds the source, cache and filesystem, mounts, serves, unmounts."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from fusecache import kernel
+from fusecache.blockcache import BlockCache
+from fusecache.config import MountConfig
+from fusecache.core import FilesystemCore
+from fusecache.fuse_ops import FuseOperations
+from fusecache.source import LowerSource
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 60.0  # seconds the CLI waits for the daemon to answer on its mount
+
+
+class MountError(Exception):
+    """The mount could not be made; the message is one line for the user."""
+
+
+def runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/fusecache")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/fusecache-{os.getuid()}"
+    return Path(base) / "fusecache" if "XDG_RUNTIME_DIR" in os.environ else Path(base)
+
+
+def pidfile_for(mountpoint: Path) -> Path:
+    digest = hashlib.sha1(os.fsencode(mountpoint.resolve())).hexdigest()[:16]
+    return runtime_dir() / f"{digest}.pid"
+
+
+async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> None:
+    """Mount, call on_ready(None) once the mount answers, serve until unmounted or signalled."""
+    source = LowerSource(config.source, config.lower)
+    async with trio.open_nursery() as nursery:
+        cache = BlockCache(config.cache, source, nursery)
+        core = FilesystemCore(source, cache, nursery, invalidate=pyfuse3.invalidate_inode)
+        ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
+        options = set(pyfuse3.default_options)
+        options |= {"ro", "subtype=fusecache", f"fsname={config.source}"}
+        if config.allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(ops, str(config.mountpoint), options)
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount at {config.mountpoint}: {exc}") from None
+        try:
+            nursery.start_soon(_stop_on_signals)
+            nursery.start_soon(_announce_when_ready, config, on_ready)
+            await pyfuse3.main()
+        finally:
+            pyfuse3.close(unmount=True)
+            nursery.cancel_scope.cancel()
+    log.info("unmounted %s", config.mountpoint)
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s; unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_when_ready(config: MountConfig, on_ready: Callable[[str | None], None]) -> None:
+    # This stat is served by our own main loop, so it proves the mount answers.
+    st = await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    await trio.to_thread.run_sync(kernel.tune_connection, st.st_dev, config.kernel)
+    log.info("serving %s at %s", config.source, config.mountpoint)
+    on_ready(None)
+
+
+def run_foreground(config: MountConfig) -> int:
+    """Serve in this process until unmounted; log to stderr."""
+    def ready(err: str | None) -> None:
+        if err is None:
+            print(f"fusecache: {config.source} mounted at {config.mountpoint}", file=sys.stderr)
+
+    try:
+        trio.run(serve, config, ready)
+    except MountError as exc:
+        print(f"fusecache: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_daemon(config: MountConfig, log_file: Path, setup_logging: Callable[[], None]) -> int:
+    """Fork a daemon that serves the mount; return once it answers, or fail with one line."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(rfd)
+        _detach(log_file)
+        setup_logging()
+        code = 0
+
+        def ready(err: str | None) -> None:
+            os.write(wfd, b"ok\n" if err is None else f"{err}\n".encode())
+
+        pidfile = pidfile_for(config.mountpoint)
+        try:
+            pidfile.parent.mkdir(parents=True, exist_ok=True)
+            pidfile.write_text(f"{os.getpid()}\n")
+            trio.run(serve, config, ready)
+        except MountError as exc:
+            ready(str(exc))
+            code = 1
+        except BaseException as exc:
+            log.exception("daemon failed")
+            ready(f"daemon failed: {exc!r} (see {log_file})")
+            code = 1
+        finally:
+            pidfile.unlink(missing_ok=True)
+        os._exit(code)
+    os.close(wfd)
+    answer = _read_answer(rfd, READY_TIMEOUT)
+    os.close(rfd)
+    if answer == "ok":
+        print(f"fusecache: {config.source} mounted at {config.mountpoint} (log: {log_file})",
+              file=sys.stderr)
+        return 0
+    if answer is None:
+        os.kill(pid, signal.SIGTERM)
+        answer = f"the mount did not answer within {READY_TIMEOUT:.0f} s (see {log_file})"
+    elif answer == "":
+        answer = f"the daemon exited before mounting (see {log_file})"
+    os.waitpid(pid, 0)
+    print(f"fusecache: {answer}", file=sys.stderr)
+    return 1
+
+
+def _read_answer(fd: int, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _detach(log_file: Path) -> None:
+    os.setsid()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+
+
+def is_stale_mount(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def fusermount_unmount(mountpoint: Path, lazy: bool = False) -> str | None:
+    """Unmount with fusermount3; return its complaint, or None on success."""
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        return res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+    return None
+
+
+def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
+    """Unmount and wait for the daemon to exit; raise MountError with the reason."""
+    pidfile = pidfile_for(mountpoint)
+    try:
+        pid: int | None = int(pidfile.read_text())
+    except (OSError, ValueError):
+        pid = None
+    stale = is_stale_mount(mountpoint)
+    err = fusermount_unmount(mountpoint, lazy=stale)
+    if err is not None:
+        raise MountError(f"cannot unmount {mountpoint}: {err}")
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    raise MountError(f"unmounted {mountpoint}, but daemon {pid} is still running")
+
+
+def _alive(pid: int) -> bool:
+    """True while *pid* runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"

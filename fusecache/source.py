@@ -1,0 +1,140 @@
+"""The lower mount: every blocking call on it runs in a worker thread."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
+
+from fusecache.config import SourceConfig
+
+T = TypeVar("T")
+
+ETAG_XATTRS = (b"user.etag", b"user.s3.etag", b"user.oss.etag")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes cached bytes of a lower file valid: any change means new content."""
+
+    path: bytes
+    size: int
+    mtime_ns: int
+    inode: int
+    etag: bytes | None
+
+    def key(self) -> tuple[object, ...]:
+        # An etag names the content itself; the inode number may change when the
+        # lower mount is remounted, so with an etag it is left out.
+        if self.etag is not None:
+            return (self.path, self.size, self.mtime_ns, self.etag)
+        return (self.path, self.size, self.mtime_ns, self.inode)
+
+
+class LowerSource:
+    """A directory tree (usually an object-store FUSE mount) read in worker threads.
+
+    Paths are bytes relative to the root, b"" being the root itself, so names
+    with any bytes work.
+    """
+
+    def __init__(self, root: os.PathLike[str] | str, config: SourceConfig = SourceConfig()):
+        self.root = os.fsencode(os.path.abspath(root))
+        self._demand = trio.CapacityLimiter(config.demand_threads)
+        self._metadata = trio.CapacityLimiter(config.metadata_threads)
+
+    def full(self, path: bytes) -> bytes:
+        return self.root + b"/" + path if path else self.root
+
+    async def _meta(self, fn: Callable[..., T], *args: object) -> T:
+        # abandon_on_cancel: a hung lower mount must not hold up unmounting.
+        return await trio.to_thread.run_sync(
+            fn, *args, limiter=self._metadata, abandon_on_cancel=True
+        )
+
+    async def lstat(self, path: bytes) -> os.stat_result:
+        return await self._meta(os.lstat, self.full(path))
+
+    async def listdir(self, path: bytes) -> list[bytes]:
+        return await self._meta(os.listdir, self.full(path))
+
+    async def readlink(self, path: bytes) -> bytes:
+        return await self._meta(os.readlink, self.full(path))
+
+    async def statvfs(self) -> os.statvfs_result:
+        return await self._meta(os.statvfs, self.root)
+
+    async def getxattr(self, path: bytes, name: bytes) -> bytes:
+        return await self._meta(_getxattr, self.full(path), name)
+
+    async def listxattr(self, path: bytes) -> list[bytes]:
+        return await self._meta(_listxattr, self.full(path))
+
+    async def open(self, path: bytes) -> tuple[int, Identity]:
+        """Open a lower file for reading; return its fd and current identity."""
+        return await self._meta(self._open_sync, path)
+
+    def _open_sync(self, path: bytes) -> tuple[int, Identity]:
+        fd = os.open(self.full(path), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            etag = None
+            for name in ETAG_XATTRS:
+                try:
+                    etag = os.getxattr(fd, name)
+                    break
+                except OSError:
+                    continue
+        except BaseException:
+            os.close(fd)
+            raise
+        ident = Identity(path, st.st_size, st.st_mtime_ns, st.st_ino, etag)
+        return fd, ident
+
+    async def close(self, fd: int) -> None:
+        await self._meta(os.close, fd)
+
+    async def read_blocks(self, fd: int, offset: int, sizes: list[int]) -> list[bytearray]:
+        """Read consecutive blocks at *offset* in one preadv; short files give short blocks."""
+        return await trio.to_thread.run_sync(
+            _preadv_exact, fd, offset, sizes, limiter=self._demand, abandon_on_cancel=True
+        )
+
+
+def _preadv_exact(fd: int, offset: int, sizes: list[int]) -> list[bytearray]:
+    bufs = [bytearray(n) for n in sizes]
+    want = sum(sizes)
+    got = 0
+    # A FUSE lower mount may return short reads before EOF; keep reading until
+    # EOF (0) or everything asked for has arrived.
+    while got < want:
+        views, skip = [], got
+        for b in bufs:
+            if skip >= len(b):
+                skip -= len(b)
+                continue
+            views.append(memoryview(b)[skip:])
+            skip = 0
+        n = os.preadv(fd, views, offset + got)
+        if n == 0:
+            break
+        got += n
+    if got < want:
+        # Trim to what exists; blocks past EOF come back empty.
+        out, left = [], got
+        for b in bufs:
+            out.append(b[: max(0, min(len(b), left))] if left < len(b) else b)
+            left -= len(b)
+        return out
+    return bufs
+
+
+def _getxattr(path: bytes, name: bytes) -> bytes:
+    return os.getxattr(path, name, follow_symlinks=False)
+
+
+def _listxattr(path: bytes) -> list[bytes]:
+    return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)]
