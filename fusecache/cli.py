@@ -115,13 +115,13 @@ def check_mount_args(source: Path, mountpoint: Path, force: bool) -> None:
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise UsageError(f"mountpoint {mountpoint} is already a mount point")
-    if any(os.scandir(mountpoint)):
-        raise UsageError(f"mountpoint {mountpoint} is not empty")
     src, mnt = source.resolve(), mountpoint.resolve()
     if src == mnt:
         raise UsageError("source and mountpoint are the same directory")
     if src in mnt.parents or mnt in src.parents:
         raise UsageError("source and mountpoint must not be inside one another")
+    if any(os.scandir(mountpoint)):
+        raise UsageError(f"mountpoint {mountpoint} is not empty")
 
 
 def _setup_logging(verbose: bool) -> None:

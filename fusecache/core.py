@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from itertools import count
 
@@ -19,6 +21,8 @@ from fusecache.source import Identity, LowerSource
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1  # the FUSE protocol's fixed root inode
+# `getfattr -n user.fusecache.stats MOUNTPOINT` prints the daemon's counters as JSON.
+STATS_XATTR = b"user.fusecache.stats"
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class LowerFile:
     def __init__(self, fd: int, ident: Identity, source: LowerSource, nursery: trio.Nursery):
         self.fd = fd
         self.ident = ident
-        self.key = ident.key()
+        self.key: Hashable = ident.key()
         self.size = ident.size
         self.display = os.fsdecode(ident.path)
         self._pins = 1
@@ -106,6 +110,7 @@ class FilesystemCore:
         self._handles: dict[int, Handle] = {}
         self._dir_listings: dict[int, list[tuple[bytes, Attr]]] = {}
         self._next_fh = count(1)
+        self.read_requests = 0  # reads that reached the daemon (kernel page-cache misses)
 
     # --- names and attributes -------------------------------------------
 
@@ -200,7 +205,14 @@ class FilesystemCore:
     async def statfs(self) -> os.statvfs_result:
         return await self.source.statvfs()
 
+    def statistics(self) -> dict[str, int]:
+        """Every counter of the daemon, flat, for stats output."""
+        return {"read_requests": self.read_requests,
+                **dataclasses.asdict(self.cache.statistics())}
+
     async def getxattr(self, ino: int, name: bytes) -> bytes:
+        if ino == ROOT_INODE and name == STATS_XATTR:
+            return json.dumps(self.statistics()).encode()
         return await self.source.getxattr(self.path_of(ino), name)
 
     async def listxattr(self, ino: int) -> list[bytes]:
@@ -217,9 +229,15 @@ class FilesystemCore:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise FsError(errno.EROFS)
         fd, ident = await self.source.open(self.path_of(ino))
-        changed = self._note_version(ino, ident.size, ident.mtime_ns)
+        self._note_version(ino, ident.size, ident.mtime_ns)
         current = self._open_files.get(ino)
-        if current is not None and not current.closed and current.key == ident.key():
+        # Compare with the version last opened, whose pages the kernel may hold;
+        # a change seen first by getattr must still drop them here.
+        changed = current is not None and current.key != ident.key()
+        if changed:
+            assert current is not None
+            self.cache.forget_file(current.key)
+        if current is not None and not current.closed and not changed:
             current.pin()
             self._nursery.start_soon(self.source.close, fd)
             lower = current
@@ -232,6 +250,7 @@ class FilesystemCore:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
         handle = self._handle(fh)
+        self.read_requests += 1
         return await self.cache.read(handle.file, offset, size)
 
     def release(self, fh: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -19,7 +19,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _fuse_errors(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
     """Let nothing but FUSEError escape a handler; log what is not a plain miss."""
 
     @wraps(fn)
@@ -67,11 +69,11 @@ class FuseOperations(pyfuse3.Operations):
         return e
 
     @_fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> Any:
         return self._entry(await self.core.lookup(parent_inode, name))
 
     @_fuse_errors
-    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+    async def getattr(self, inode: int, ctx: Any) -> Any:
         return self._entry(await self.core.getattr(inode))
 
     @_fuse_errors

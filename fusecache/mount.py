@@ -172,8 +172,10 @@ def _detach(log_file: Path) -> None:
 
 
 def is_stale_mount(path: Path) -> bool:
+    """True if *path* is a FUSE mount whose daemon is gone."""
     try:
-        os.stat(path)
+        # statfs always reaches the daemon; stat may be answered from cached attributes.
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False

@@ -41,7 +41,8 @@ class LowerSource:
     with any bytes work.
     """
 
-    def __init__(self, root: os.PathLike[str] | str, config: SourceConfig = SourceConfig()):
+    def __init__(self, root: os.PathLike[str] | str, config: SourceConfig | None = None):
+        config = config or SourceConfig()
         self.root = os.fsencode(os.path.abspath(root))
         self._demand = trio.CapacityLimiter(config.demand_threads)
         self._metadata = trio.CapacityLimiter(config.metadata_threads)

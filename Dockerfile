@@ -1,0 +1,9 @@
+# A Function Compute style image: fusecache mounts over the platform's OSS mount
+# before the model server starts. Filled in by the Function Compute container issue.
+FROM python:3.11-slim-bookworm
+RUN apt-get update && apt-get install -y --no-install-recommends fuse3 libfuse3-dev pkg-config gcc \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/fusecache
+COPY . .
+RUN pip install --no-cache-dir .
+ENTRYPOINT ["fusecache"]

@@ -1,0 +1,97 @@
+"""Bad input: one clear line, exit code 2, nothing mounted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from fusecache.mount import pidfile_for
+from tests.conftest import fusecache_cmd, needs_fuse
+
+
+def assert_usage_error(res, words: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert words in lines[0], lines[0]
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    return src, mnt
+
+
+def test_missing_source(dirs) -> None:
+    _, mnt = dirs
+    assert_usage_error(fusecache_cmd("mount", "/nonexistent/x", str(mnt)), "does not exist")
+
+
+def test_source_not_a_directory(dirs, tmp_path: Path) -> None:
+    _, mnt = dirs
+    (tmp_path / "file").write_text("x")
+    assert_usage_error(fusecache_cmd("mount", str(tmp_path / "file"), str(mnt)),
+                       "is not a directory")
+
+
+def test_mountpoint_problems(dirs, tmp_path: Path) -> None:
+    src, mnt = dirs
+    assert_usage_error(fusecache_cmd("mount", str(src), str(tmp_path / "none")),
+                       "does not exist")
+    (tmp_path / "file").write_text("x")
+    assert_usage_error(fusecache_cmd("mount", str(src), str(tmp_path / "file")),
+                       "is not a directory")
+    (mnt / "x").write_text("x")
+    assert_usage_error(fusecache_cmd("mount", str(src), str(mnt)), "is not empty")
+
+
+def test_same_or_nested(dirs) -> None:
+    src, _ = dirs
+    (src / "inner").mkdir()
+    assert_usage_error(fusecache_cmd("mount", str(src), str(src)), "the same")
+    assert_usage_error(fusecache_cmd("mount", str(src), str(src / "inner")), "inside")
+
+
+def test_unknown_option_and_bad_size(dirs) -> None:
+    src, mnt = dirs
+    assert_usage_error(fusecache_cmd("mount", str(src), str(mnt), "--bogus"), "unrecognized")
+    assert_usage_error(fusecache_cmd("mount", str(src), str(mnt), "--mem-cache", "12Q"),
+                       "cannot parse size")
+
+
+def test_umount_of_unmounted(dirs) -> None:
+    _, mnt = dirs
+    assert_usage_error(fusecache_cmd("umount", str(mnt)), "is not mounted")
+
+
+def test_help_explains() -> None:
+    res = fusecache_cmd("mount", "--help")
+    assert res.returncode == 0 and "--mem-cache" in res.stdout
+
+
+@needs_fuse
+def test_already_mounted_and_stale_mount(dirs, mount_factory) -> None:
+    src, _ = dirs
+    m = mount_factory(src)
+    assert_usage_error(fusecache_cmd("mount", str(src), str(m.mnt)), "already a mount point")
+    pid = int(pidfile_for(m.mnt).read_text())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.statvfs(m.mnt)
+        except OSError:
+            break
+        time.sleep(0.05)
+    assert_usage_error(fusecache_cmd("mount", str(src), str(m.mnt)), "--force")
+    res = fusecache_cmd("mount", str(src), str(m.mnt), "--force")
+    assert res.returncode == 0, res.stderr
+    assert os.listdir(m.mnt) == []
+    m.unmount()
+    assert not os.path.ismount(m.mnt)

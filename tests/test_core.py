@@ -1,0 +1,150 @@
+"""The filesystem core called directly, without a kernel."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+
+import pytest
+import trio
+
+from fusecache.config import MiB
+from fusecache.core import ROOT_INODE, FilesystemCore
+from fusecache.errors import FsError
+from tests.ramp import ramp, write_ramp
+
+
+def src_of(core: FilesystemCore) -> str:
+    return os.fsdecode(core.source.root)
+
+
+async def open_file(core: FilesystemCore, name: bytes) -> int:
+    attr = await core.lookup(ROOT_INODE, name)
+    fh, _ = await core.open(attr.ino, os.O_RDONLY)
+    return fh
+
+
+async def read_all(core: FilesystemCore, fh: int, size: int, chunk: int = 128 * 1024) -> bytes:
+    out = bytearray()
+    for off in range(0, size, chunk):
+        out += await core.read(fh, off, chunk)
+    return bytes(out)
+
+
+async def test_lookup_getattr_and_stable_inodes(core: FilesystemCore) -> None:
+    write_ramp(core.source.root.decode() + "/f", 1000)
+    a = await core.lookup(ROOT_INODE, b"f")
+    b = await core.lookup(ROOT_INODE, b"f")
+    assert a.ino == b.ino != ROOT_INODE
+    assert a.size == 1000 and stat.S_ISREG(a.mode)
+    assert a.mode & 0o222 == 0, "the core must advertise a read-only file"
+    assert (await core.getattr(a.ino)).size == 1000
+
+
+async def test_missing_name_is_enoent(core: FilesystemCore) -> None:
+    with pytest.raises(FileNotFoundError):
+        await core.lookup(ROOT_INODE, b"nope")
+
+
+async def test_nested_dirs_symlinks_and_odd_names(core: FilesystemCore) -> None:
+    src = core.source.root
+    odd = b"caf\xe9 \n\xff name"  # not UTF-8, with a newline
+    os.makedirs(src + b"/a/b")
+    write_ramp(os.fsdecode(src + b"/a/b/" + odd), 10)
+    os.symlink(b"b/" + odd, src + b"/a/link")
+    a = await core.lookup(ROOT_INODE, b"a")
+    fh = await core.opendir(a.ino)
+    names = [n for n, _ in core.readdir(fh, 0)]
+    assert names == [b"b", b"link"]
+    assert [n for n, _ in core.readdir(fh, 1)] == [b"link"]
+    core.releasedir(fh)
+    link = await core.lookup(a.ino, b"link")
+    assert stat.S_ISLNK(link.mode)
+    assert await core.readlink(link.ino) == b"b/" + odd
+    b = await core.lookup(a.ino, b"b")
+    f = await core.lookup(b.ino, odd)
+    fh = (await core.open(f.ino, os.O_RDONLY))[0]
+    assert bytes(await core.read(fh, 0, 100)) == ramp(0, 10)
+
+
+async def test_reads_at_random_offsets_are_exact(core: FilesystemCore) -> None:
+    size = 5 * MiB + 12345
+    write_ramp(src_of(core) + "/f", size)
+    fh = await open_file(core, b"f")
+    rng = random.Random(1)
+    for _ in range(300):
+        off = rng.randrange(0, size + 10)
+        n = rng.choice([1, 7, 4096, 131072, 1 << 20, 3 << 20])
+        want = ramp(off, max(0, min(n, size - off)))
+        assert bytes(await core.read(fh, off, n)) == want, (off, n)
+    core.release(fh)
+
+
+async def test_write_opens_are_erofs(core: FilesystemCore) -> None:
+    write_ramp(src_of(core) + "/f", 10)
+    a = await core.lookup(ROOT_INODE, b"f")
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+        with pytest.raises(FsError) as info:
+            await core.open(a.ino, flags)
+        assert info.value.errno == errno.EROFS
+
+
+async def test_concurrent_readers_fetch_each_block_once(core: FilesystemCore) -> None:
+    size = 16 * MiB
+    write_ramp(src_of(core) + "/f", size)
+    want = ramp(0, size)
+    results: list[bytes] = []
+
+    async def reader() -> None:
+        fh = await open_file(core, b"f")
+        results.append(await read_all(core, fh, size))
+        core.release(fh)
+
+    async with trio.open_nursery() as n:
+        for _ in range(8):
+            n.start_soon(reader)
+    assert all(r == want for r in results) and len(results) == 8
+    stats = core.cache.statistics()
+    assert stats.lower_bytes == size, "each byte must cross from the lower mount once"
+
+
+async def test_changed_file_gives_new_bytes(core: FilesystemCore) -> None:
+    path = src_of(core) + "/f"
+    write_ramp(path, 3 * MiB, seed=1)
+    fh = await open_file(core, b"f")
+    assert bytes(await core.read(fh, 0, 4096)) == ramp(0, 4096, seed=1)
+    core.release(fh)
+    write_ramp(path, 2 * MiB, seed=2)
+    os.utime(path, ns=(1, 10**18))
+    attr = await core.lookup(ROOT_INODE, b"f")
+    fh, keep_cache = await core.open(attr.ino, os.O_RDONLY)
+    assert not keep_cache, "the kernel must drop the pages of the old version"
+    assert bytes(await core.read(fh, 0, 3 * MiB)) == ramp(0, 2 * MiB, seed=2)
+
+
+async def test_second_open_of_unchanged_file_keeps_cache(core: FilesystemCore) -> None:
+    write_ramp(src_of(core) + "/f", 100)
+    attr = await core.lookup(ROOT_INODE, b"f")
+    fh1, keep1 = await core.open(attr.ino, os.O_RDONLY)
+    fh2, keep2 = await core.open(attr.ino, os.O_RDONLY)
+    assert keep1 and keep2
+
+
+async def test_lower_read_error_is_eio_not_data(core: FilesystemCore) -> None:
+    write_ramp(src_of(core) + "/f", 2 * MiB)
+    fh = await open_file(core, b"f")
+    # Break the lower fd under the handle: the read must fail, not invent bytes.
+    os.close(core._handles[fh].file.fd)
+    with pytest.raises(FsError) as info:
+        await core.read(fh, 0, 4096)
+    assert info.value.errno == errno.EIO
+    assert core.cache.statistics().lower_errors == 1
+
+
+async def test_stats_xattr_on_root(core: FilesystemCore) -> None:
+    import json
+
+    stats = json.loads(await core.getxattr(ROOT_INODE, b"user.fusecache.stats"))
+    assert stats["read_requests"] == 0 and "lower_bytes" in stats
