@@ -88,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="daemon log (default: RUNTIME_DIR/<mountpoint>.log, printed on mount)")
     m.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
+    b = sub.add_parser(
+        "bench",
+        help="time model switching with and without fusecache",
+        description="Run the Stable Diffusion web-UI workload (sha256 then load on a first "
+        "switch, load only on a second) on SOURCE_DIR and through a temporary fusecache mount "
+        "over it, and print both. Without SOURCE_DIR, start a local OSS stand-in (an S3 server "
+        "on loopback mounted with s3fs, bandwidth-capped) with generated models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("source", nargs="?", type=Path, default=None, metavar="SOURCE_DIR",
+                   help="a directory holding the models (default: the stand-in)")
+    b.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help="model file names (default: the study's ten)")
+    b.add_argument("--scale", type=float, default=0.02,
+                   help="model size as a fraction of the real one (stand-in only)")
+    b.add_argument("--out", type=Path, default=Path("bench/out"),
+                   help="where result.json and switching.png go")
+    b.add_argument("--mount-option", action="append", default=[], metavar="OPT",
+                   help="extra option for the fusecache mount, e.g. --mount-option=--mem-cache=2G")
+
     u = sub.add_parser("umount", help="unmount and wait for the daemon to exit",
                        description="Unmount a fusecache mount and wait for its daemon to exit.")
     u.add_argument("mountpoint", type=Path)
@@ -155,11 +175,28 @@ def _mount(args: argparse.Namespace) -> int:
     return run_daemon(config, log_file, lambda: _setup_logging(args.verbose))
 
 
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from fusecache.bench import models
+        from fusecache.bench.run import run_bench
+    except ImportError as exc:
+        raise UsageError(f"the bench needs its extras ({exc.name} is missing): "
+                         "pip install 'fusecache[bench]'") from None
+    names = args.models or [name for name, _ in models.MODELS]
+    if args.source is not None and not args.source.is_dir():
+        raise UsageError(f"source {args.source} is not a directory")
+    if args.scale <= 0:
+        raise UsageError("--scale must be positive")
+    return run_bench(args.source, names, args.scale, args.out, args.mount_option)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "mount":
             return _mount(args)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "umount":
             if not os.path.ismount(args.mountpoint) and not is_stale_mount(args.mountpoint):
                 raise UsageError(f"{args.mountpoint} is not mounted")

