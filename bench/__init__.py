@@ -1,1 +1,1 @@
-"""The benchmark: an OSS stand-in and the model-switching workload (installed as fusecache.bench)."""
+"""The benchmark: an OSS stand-in and the model-switching workload (as fusecache.bench)."""
