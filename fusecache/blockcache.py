@@ -61,11 +61,10 @@ class BlockCache:
     """Blocks of lower files, fetched once however many readers want them."""
 
     def __init__(
-        self, config: CacheConfig, source: LowerSource, nursery: trio.Nursery,
-        fetch_blocks: int = 8,
+        self, config: CacheConfig, source: LowerSource, nursery: trio.Nursery
     ) -> None:
         self.block_size = config.block_size
-        self.fetch_blocks = fetch_blocks
+        self.fetch_blocks = max(1, config.fetch_size // config.block_size)
         self._source = source
         self._nursery = nursery
         self._memory: ScanResistantLRU[Block] = ScanResistantLRU(config.mem_bytes)
@@ -129,11 +128,25 @@ class BlockCache:
         self._served_lower += len(flight.data)
         return flight.data
 
-    def is_present(self, f: CachedFile, idx: int) -> bool:
-        key = (f.key, idx)
-        return key in self._memory or key in self._inflight
+    async def wait_idle(self) -> None:
+        """Return once no fetch is in flight."""
+        while self._inflight:
+            await next(iter(self._inflight.values())).done.wait()
 
-    def start_fetch(self, f: CachedFile, first: int, count: int) -> int:
+    @property
+    def capacity(self) -> int:
+        return self._memory.capacity
+
+    def prefetch(self, f: CachedFile, start: int, end: int) -> None:
+        """Start fetching the blocks of bytes [start, end) that are neither cached nor coming."""
+        bs = self.block_size
+        idx, last = start // bs, (min(end, f.size) - 1) // bs
+        while idx <= last:
+            started = self.start_fetch(f, idx, min(self.fetch_blocks, last - idx + 1),
+                                       readahead=True)
+            idx += max(started, 1)
+
+    def start_fetch(self, f: CachedFile, first: int, count: int, readahead: bool = False) -> int:
         """Start fetching the missing blocks in [first, first+count); return how many.
 
         The fetch covers the run of missing blocks that starts at *first*; it stops
@@ -152,18 +165,19 @@ class BlockCache:
         flights = [_Flight() for _ in keys]
         self._inflight.update(zip(keys, flights, strict=True))
         f.pin()
-        self._nursery.start_soon(self._fetch, f, first, keys, flights)
+        self._nursery.start_soon(self._fetch, f, first, keys, flights, readahead)
         return len(keys)
 
     async def _fetch(
-        self, f: CachedFile, first: int, keys: list[BlockKey], flights: list[_Flight]
+        self, f: CachedFile, first: int, keys: list[BlockKey], flights: list[_Flight],
+        readahead: bool,
     ) -> None:
         bs = self.block_size
         sizes = [min(bs, f.size - (first + i) * bs) for i in range(len(keys))]
         error: str | None = None
         blocks: list[bytearray] = []
         try:
-            blocks = await self._source.read_blocks(f.fd, first * bs, sizes)
+            blocks = await self._source.read_blocks(f.fd, first * bs, sizes, readahead)
             self._lower_reads += 1
             self._lower_bytes += sum(len(b) for b in blocks)
             if [len(b) for b in blocks] != sizes:

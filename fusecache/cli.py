@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mem-cache", type=_size, default=None, metavar="SIZE",
                    help="memory for cached blocks (default: a quarter of the container's "
                    "memory limit)")
+    m.add_argument("--fetch-size", type=_size, default=CacheConfig.fetch_size, metavar="SIZE",
+                   help="bytes per read from the lower mount (a multiple of 1 MiB)")
     m.add_argument("--read-ahead-kb", type=int, default=KernelConfig.read_ahead_kb,
                    metavar="KB", help="kernel read-ahead for the mount (needs root)")
     m.add_argument("--max-background", type=int, default=KernelConfig.max_background,
@@ -159,7 +161,7 @@ def _mount(args: argparse.Namespace) -> int:
     config = MountConfig(
         source=args.source.resolve(),
         mountpoint=args.mountpoint.resolve(),
-        cache=replace(CacheConfig(), mem_bytes=mem),
+        cache=replace(CacheConfig(), mem_bytes=mem, fetch_size=args.fetch_size),
         kernel=replace(KernelConfig(), read_ahead_kb=args.read_ahead_kb,
                        max_background=args.max_background,
                        congestion_threshold=args.max_background * 3 // 4,

@@ -64,6 +64,9 @@ class CacheConfig:
     # A quarter of the container's memory: the model server needs the rest to hold
     # the model it loads. Computed at mount time (see mount.build_config).
     mem_bytes: int = 256 * MiB
+    # One lower-mount read fills this many bytes of consecutive blocks (one preadv).
+    # Large reads amortize the per-request cost of a remote store.
+    fetch_size: int = 8 * MiB
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class SourceConfig:
     # stat/listdir/open on an object-store mount are HEAD/LIST requests that can
     # take a second each; 8 in flight keeps `ls -l` of a model folder quick.
     metadata_threads: int = 8
+    # Read-ahead fetches in flight at once. s3fs serializes much of the work on
+    # one file, so more than a few parallel reads of it buy little (bench/README.md).
+    readahead_threads: int = 4
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import trio
 
 from fusecache.blockcache import BlockCache
 from fusecache.errors import FsError
+from fusecache.readahead import ReadaheadConfig, SequentialStream
 from fusecache.source import Identity, LowerSource
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Handle:
 
     ino: int
     file: LowerFile
+    stream: SequentialStream
 
 
 class FilesystemCore:
@@ -95,7 +97,9 @@ class FilesystemCore:
         cache: BlockCache,
         nursery: trio.Nursery,
         invalidate: Callable[[int], None] = lambda ino: None,
+        readahead: ReadaheadConfig | None = None,
     ) -> None:
+        self.readahead = readahead or ReadaheadConfig()
         self.source = source
         self.cache = cache
         self._nursery = nursery
@@ -245,12 +249,18 @@ class FilesystemCore:
             lower = LowerFile(fd, ident, self.source, self._nursery)
             self._open_files[ino] = lower
         fh = next(self._next_fh)
-        self._handles[fh] = Handle(ino, lower)
+        # Read-ahead may hold at most a quarter of the memory cache, so what it
+        # fetches is not evicted before the reader gets to it.
+        stream = SequentialStream(self.readahead, self.cache.capacity // 4)
+        self._handles[fh] = Handle(ino, lower, stream)
         return fh, not changed
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
         handle = self._handle(fh)
         self.read_requests += 1
+        ahead = handle.stream.on_read(offset, size)
+        if ahead is not None:
+            self.cache.prefetch(handle.file, *ahead)
         return await self.cache.read(handle.file, offset, size)
 
     def release(self, fh: int) -> None:

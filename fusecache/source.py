@@ -46,6 +46,7 @@ class LowerSource:
         self.root = os.fsencode(os.path.abspath(root))
         self._demand = trio.CapacityLimiter(config.demand_threads)
         self._metadata = trio.CapacityLimiter(config.metadata_threads)
+        self._readahead = trio.CapacityLimiter(config.readahead_threads)
 
     def full(self, path: bytes) -> bytes:
         return self.root + b"/" + path if path else self.root
@@ -98,10 +99,17 @@ class LowerSource:
     async def close(self, fd: int) -> None:
         await self._meta(os.close, fd)
 
-    async def read_blocks(self, fd: int, offset: int, sizes: list[int]) -> list[bytearray]:
-        """Read consecutive blocks at *offset* in one preadv; short files give short blocks."""
+    async def read_blocks(
+        self, fd: int, offset: int, sizes: list[int], readahead: bool = False
+    ) -> list[bytearray]:
+        """Read consecutive blocks at *offset* in one preadv; short files give short blocks.
+
+        Read-ahead has its own limiter, so it can never take the threads a
+        reader who is waiting needs.
+        """
+        limiter = self._readahead if readahead else self._demand
         return await trio.to_thread.run_sync(
-            _preadv_exact, fd, offset, sizes, limiter=self._demand, abandon_on_cancel=True
+            _preadv_exact, fd, offset, sizes, limiter=limiter, abandon_on_cancel=True
         )
 
 

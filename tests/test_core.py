@@ -148,3 +148,17 @@ async def test_stats_xattr_on_root(core: FilesystemCore) -> None:
 
     stats = json.loads(await core.getxattr(ROOT_INODE, b"user.fusecache.stats"))
     assert stats["read_requests"] == 0 and "lower_bytes" in stats
+
+
+async def test_sequential_reader_gets_read_ahead(core: FilesystemCore) -> None:
+    size = 24 * MiB
+    write_ramp(src_of(core) + "/f", size)
+    fh = await open_file(core, b"f")
+    for off in range(0, 4 * MiB, MiB):
+        assert bytes(await core.read(fh, off, MiB)) == ramp(off, MiB)
+    await core.cache.wait_idle()
+    # Read-ahead fetched beyond what was read, and every block only once.
+    stats = core.cache.statistics()
+    assert stats.lower_bytes > 4 * MiB
+    assert bytes(await read_all(core, fh, size)) == ramp(0, size)
+    assert core.cache.statistics().lower_bytes == size

@@ -1,0 +1,68 @@
+"""The read-ahead policy, without a kernel: table tests and properties."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusecache.config import MiB
+from fusecache.readahead import ReadaheadConfig, SequentialStream
+
+CFG = ReadaheadConfig(initial_window=2 * MiB, max_window=16 * MiB, slack=4 * MiB)
+
+
+def test_first_read_fetches_nothing_ahead() -> None:
+    assert SequentialStream(CFG).on_read(0, 8) is None
+
+
+def test_window_doubles_then_caps() -> None:
+    s = SequentialStream(CFG)
+    s.on_read(0, MiB)
+    windows = []
+    for i in range(1, 8):
+        s.on_read(i * MiB, MiB)
+        windows.append(s.window)
+    assert windows == [2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB, 16 * MiB, 16 * MiB, 16 * MiB]
+
+
+def test_ranges_do_not_overlap_and_run_ahead() -> None:
+    s = SequentialStream(CFG)
+    s.on_read(0, MiB)
+    asked = []
+    for i in range(1, 20):
+        r = s.on_read(i * MiB, MiB)
+        if r:
+            asked.append(r)
+    for (a0, a1), (b0, _) in zip(asked, asked[1:], strict=False):
+        assert a1 == b0 and a0 < a1
+    assert asked[-1][1] == 20 * MiB + 16 * MiB
+
+
+def test_random_jump_resets_and_small_reorder_does_not() -> None:
+    s = SequentialStream(CFG)
+    s.on_read(0, MiB)
+    s.on_read(MiB, MiB)
+    s.on_read(3 * MiB, MiB)  # the kernel's out-of-order read-ahead
+    s.on_read(2 * MiB, MiB)
+    assert s.window == 16 * MiB or s.window >= 4 * MiB
+    assert s.on_read(900 * MiB, 4096) is None
+    assert s.window == 0
+
+
+def test_memory_bound_caps_window() -> None:
+    s = SequentialStream(CFG, max_window=3 * MiB)
+    for i in range(10):
+        s.on_read(i * MiB, MiB)
+    assert s.window == 3 * MiB
+
+
+@given(st.lists(st.tuples(st.integers(0, 1 << 34), st.integers(1, 4 * MiB)), max_size=60))
+def test_any_read_sequence_keeps_invariants(reads: list[tuple[int, int]]) -> None:
+    s = SequentialStream(CFG)
+    for off, size in reads:
+        r = s.on_read(off, size)
+        assert 0 <= s.window <= CFG.max_window
+        if r is not None:
+            start, stop = r
+            assert start < stop
+            assert stop - (off + size) <= CFG.max_window + CFG.slack
