@@ -15,6 +15,7 @@ from fusecache.config import (
     CacheConfig,
     KernelConfig,
     MountConfig,
+    SourceConfig,
     format_size,
     memory_limit,
     parse_size,
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "memory limit)")
     m.add_argument("--fetch-size", type=_size, default=CacheConfig.fetch_size, metavar="SIZE",
                    help="bytes per read from the lower mount (a multiple of 1 MiB)")
+    m.add_argument("--parallel", type=int, default=SourceConfig.readahead_threads, metavar="N",
+                   help="read-ahead reads from the lower mount in flight at once")
     m.add_argument("--read-ahead-kb", type=int, default=KernelConfig.read_ahead_kb,
                    metavar="KB", help="kernel read-ahead for the mount (needs root)")
     m.add_argument("--max-background", type=int, default=KernelConfig.max_background,
@@ -166,6 +169,7 @@ def _mount(args: argparse.Namespace) -> int:
                        max_background=args.max_background,
                        congestion_threshold=args.max_background * 3 // 4,
                        attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout),
+        lower=replace(SourceConfig(), readahead_threads=args.parallel),
         allow_other=args.allow_other,
     )
     logging.getLogger(__name__).debug("memory cache %s", format_size(mem))

@@ -251,7 +251,8 @@ class FilesystemCore:
         fh = next(self._next_fh)
         # Read-ahead may hold at most a quarter of the memory cache, so what it
         # fetches is not evicted before the reader gets to it.
-        stream = SequentialStream(self.readahead, self.cache.capacity // 4)
+        stream = SequentialStream(self.readahead, self.cache.capacity // 4,
+                                  unit=self.cache.fetch_blocks * self.cache.block_size)
         self._handles[fh] = Handle(ino, lower, stream)
         return fh, not changed
 

@@ -32,8 +32,13 @@ class SequentialStream:
     max_window.
     """
 
-    def __init__(self, config: ReadaheadConfig, max_window: int | None = None) -> None:
+    def __init__(
+        self, config: ReadaheadConfig, max_window: int | None = None, unit: int = MiB
+    ) -> None:
         self.config = config
+        # Ranges are handed out in multiples of *unit* (the lower-mount read size),
+        # so read-ahead reads stay large instead of one block per request.
+        self.unit = unit
         self.max_window = min(config.max_window, max_window or config.max_window)
         self.position = -1  # where the next sequential read is expected; -1: no history
         self.window = 0
@@ -53,6 +58,8 @@ class SequentialStream:
             return None
         start = max(self.position, self.fetched_until)
         stop = self.position + self.window
+        if stop - start < self.unit and start - self.position >= self.unit:
+            return None  # enough is on its way; wait until a whole unit is due
         if start >= stop:
             return None
         self.fetched_until = stop
