@@ -79,9 +79,9 @@ class SourceConfig:
     # stat/listdir/open on an object-store mount are HEAD/LIST requests that can
     # take a second each; 8 in flight keeps `ls -l` of a model folder quick.
     metadata_threads: int = 8
-    # Read-ahead fetches in flight at once. s3fs serializes much of the work on
-    # one file, so more than a few parallel reads of it buy little (bench/README.md).
-    readahead_threads: int = 4
+    # Read-ahead fetches in flight at once. Measured on the stand-in (8 MiB fetches,
+    # one cold reader): 4 -> 286 MB/s, 8 -> 313 MB/s, 16 -> 276-290 MB/s.
+    readahead_threads: int = 8
 
 
 @dataclass(frozen=True)
