@@ -13,7 +13,7 @@ import trio
 from fusecache.config import MiB
 from fusecache.core import ROOT_INODE, FilesystemCore
 from fusecache.errors import FsError
-from tests.ramp import ramp, write_ramp
+from tests.ramp import ramp, write_ramp, write_sparse_ramp
 
 
 def src_of(core: FilesystemCore) -> str:
@@ -162,3 +162,14 @@ async def test_sequential_reader_gets_read_ahead(core: FilesystemCore) -> None:
     assert stats.lower_bytes > 4 * MiB
     assert bytes(await read_all(core, fh, size)) == ramp(0, size)
     assert core.cache.statistics().lower_bytes == size
+
+
+async def test_file_over_4gib(core: FilesystemCore) -> None:
+    size = 5 * 1024 * MiB + 3
+    marks = [0, (4 << 30) - 2048, 4 << 30, size - 4096 - 3]
+    write_sparse_ramp(src_of(core) + "/huge", size, marks)
+    fh = await open_file(core, b"huge")
+    assert (await core.lookup(ROOT_INODE, b"huge")).size == size
+    for off in marks:
+        assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
+    assert bytes(await core.read(fh, size - 3, 100)) == b"\0\0\0"

@@ -182,3 +182,19 @@ def test_foreground_mode(tree: Path, tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+
+
+def test_file_over_4gib(tmp_path: Path, mount_factory) -> None:
+    from tests.ramp import write_sparse_ramp
+
+    src = tmp_path / "big"
+    src.mkdir()
+    size = (4 << 30) + 12 * MiB
+    marks = [(4 << 30) - 4096, 4 << 30, size - 4096]
+    write_sparse_ramp(src / "huge.bin", size, marks)
+    m = mount_factory(src)
+    assert os.stat(m.mnt / "huge.bin").st_size == size
+    with open(m.mnt / "huge.bin", "rb") as f:
+        for off in marks:
+            f.seek(off)
+            assert f.read(4096) == ramp(off, 4096)
