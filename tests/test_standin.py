@@ -8,6 +8,7 @@ import shutil
 import stat
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fusecache.bench.standin import Standin, running_standin
