@@ -82,6 +82,10 @@ class SourceConfig:
     # Read-ahead fetches in flight at once. Measured on the stand-in (8 MiB fetches,
     # one cold reader): 4 -> 286 MB/s, 8 -> 313 MB/s, 16 -> 276-290 MB/s.
     readahead_threads: int = 8
+    # A lower read that takes longer fails with EIO instead of hanging the reader.
+    # ossfs retries a failed GET for about a minute; two minutes covers a slow
+    # but working store and still ends a dead one.
+    read_timeout: float = 120.0
 
 
 @dataclass(frozen=True)

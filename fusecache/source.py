@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class LowerSource:
         self._demand = trio.CapacityLimiter(config.demand_threads)
         self._metadata = trio.CapacityLimiter(config.metadata_threads)
         self._readahead = trio.CapacityLimiter(config.readahead_threads)
+        self.read_timeout = config.read_timeout
 
     def full(self, path: bytes) -> bytes:
         return self.root + b"/" + path if path else self.root
@@ -108,9 +110,13 @@ class LowerSource:
         reader who is waiting needs.
         """
         limiter = self._readahead if readahead else self._demand
-        return await trio.to_thread.run_sync(
-            _preadv_exact, fd, offset, sizes, limiter=limiter, abandon_on_cancel=True
-        )
+        with trio.move_on_after(self.read_timeout):
+            return await trio.to_thread.run_sync(
+                _preadv_exact, fd, offset, sizes, limiter=limiter, abandon_on_cancel=True
+            )
+        # The thread is abandoned; it ends whenever the lower mount answers.
+        raise TimeoutError(errno.ETIMEDOUT, f"no answer from the lower mount in "
+                           f"{self.read_timeout:.0f} s")
 
 
 def _preadv_exact(fd: int, offset: int, sizes: list[int]) -> list[bytearray]:

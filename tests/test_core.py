@@ -173,3 +173,26 @@ async def test_file_over_4gib(core: FilesystemCore) -> None:
     for off in marks:
         assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
     assert bytes(await core.read(fh, size - 3, 100)) == b"\0\0\0"
+
+
+async def test_hung_lower_read_is_eio_not_a_hang(core: FilesystemCore, monkeypatch) -> None:
+    import threading
+
+    from fusecache import source
+
+    release = threading.Event()
+
+    def hang(*args: object) -> list[bytearray]:
+        release.wait(30)
+        return []
+
+    write_ramp(src_of(core) + "/f", 2 * MiB)
+    fh = await open_file(core, b"f")
+    monkeypatch.setattr(source, "_preadv_exact", hang)
+    core.source.read_timeout = 0.2
+    try:
+        with trio.fail_after(5), pytest.raises(FsError) as info:
+            await core.read(fh, 0, 4096)
+        assert info.value.errno == errno.EIO
+    finally:
+        release.set()
