@@ -47,7 +47,9 @@ def _fusecache_mount(source: Path, extra: list[str]) -> Iterator[Path]:
         mnt = Path(tmp) / "mnt"
         mnt.mkdir()
         cmd = [sys.executable, "-m", "fusecache", "mount", str(source), str(mnt),
-               "--log-file", str(Path(tmp) / "fusecache.log"), *extra]
+               "--log-file", str(Path(tmp) / "fusecache.log"),
+               # A fresh disk cache: a cold first switch must not hit an earlier run's blocks.
+               "--cache-dir", str(Path(tmp) / "cache"), *extra]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"fusecache mount failed: {res.stderr.strip()}")

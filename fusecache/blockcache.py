@@ -1,4 +1,4 @@
-"""The daemon's block cache: memory tier and single-flight fetches from the lower mount.
+"""The daemon's block cache: memory and disk tiers, single-flight fetches from the lower mount.
 
 The concurrency protocol is written down in docs/design.md.
 """
@@ -13,6 +13,7 @@ from typing import Protocol
 import trio
 
 from fusecache.config import CacheConfig
+from fusecache.disktier import DiskTier
 from fusecache.errors import LowerError
 from fusecache.lru import BlockKey, ScanResistantLRU
 from fusecache.source import LowerSource
@@ -39,6 +40,7 @@ class CacheStatistics:
     """Counters of the kernel-miss path; bytes are what readers were served."""
 
     served_memory: int
+    served_disk: int
     served_lower: int
     lower_reads: int
     lower_bytes: int
@@ -46,6 +48,10 @@ class CacheStatistics:
     evictions: int
     memory_used: int
     memory_capacity: int
+    disk_used: int
+    disk_capacity: int
+    disk_writes_dropped: int
+    validation_failures: int
 
 
 @dataclass
@@ -55,16 +61,25 @@ class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     data: Block | None = None
     error: str | None = None
+    from_disk: bool = False
 
 
 class BlockCache:
     """Blocks of lower files, fetched once however many readers want them."""
 
+    # Blocks waiting to be written to disk; when the disk falls behind, further
+    # blocks are not written rather than held in memory or slowing the reader.
+    DISK_QUEUE = 64
+
     def __init__(
-        self, config: CacheConfig, source: LowerSource, nursery: trio.Nursery
+        self, config: CacheConfig, source: LowerSource, nursery: trio.Nursery,
+        disk: DiskTier | None = None,
     ) -> None:
         self.block_size = config.block_size
-        self.fetch_blocks = max(1, config.fetch_size // config.block_size)
+        # A fetch's blocks must all fit in memory until their readers come, or
+        # the fetch evicts its own head: hold it under a quarter of the cache.
+        fetch = min(config.fetch_size, config.mem_bytes // 4)
+        self.fetch_blocks = max(1, fetch // config.block_size)
         self._source = source
         self._nursery = nursery
         self._memory: ScanResistantLRU[Block] = ScanResistantLRU(config.mem_bytes)
@@ -74,10 +89,19 @@ class BlockCache:
         self._lower_reads = 0
         self._lower_bytes = 0
         self._lower_errors = 0
+        self._served_disk = 0
+        self._disk_writes_dropped = 0
+        self._disk = disk
+        self._disk_limiter = trio.CapacityLimiter(4)
+        send, receive = trio.open_memory_channel[tuple[BlockKey, Block]](self.DISK_QUEUE)
+        self._disk_queue = send
+        if disk is not None:
+            nursery.start_soon(self._write_to_disk, receive)
 
     def statistics(self) -> CacheStatistics:
         return CacheStatistics(
             served_memory=self._served_memory,
+            served_disk=self._served_disk,
             served_lower=self._served_lower,
             lower_reads=self._lower_reads,
             lower_bytes=self._lower_bytes,
@@ -85,11 +109,17 @@ class BlockCache:
             evictions=self._memory.evictions,
             memory_used=self._memory.used,
             memory_capacity=self._memory.capacity,
+            disk_used=self._disk.used if self._disk else 0,
+            disk_capacity=self._disk.capacity if self._disk else 0,
+            disk_writes_dropped=self._disk_writes_dropped,
+            validation_failures=self._disk.validation_failures if self._disk else 0,
         )
 
     def forget_file(self, key: Hashable) -> None:
         """Drop a file's cached blocks (its content changed)."""
         self._memory.discard_file(key)
+        if self._disk is not None:
+            self._nursery.start_soon(trio.to_thread.run_sync, self._disk.discard_file, key)
 
     async def read(self, f: CachedFile, offset: int, size: int) -> Block | memoryview:
         """Bytes [offset, offset+size) of *f*, short at EOF; zero-copy within one block."""
@@ -125,7 +155,10 @@ class BlockCache:
         if flight.error is not None:
             raise LowerError(flight.error)
         assert flight.data is not None
-        self._served_lower += len(flight.data)
+        if flight.from_disk:
+            self._served_disk += len(flight.data)
+        else:
+            self._served_lower += len(flight.data)
         return flight.data
 
     async def wait_idle(self) -> None:
@@ -154,23 +187,69 @@ class BlockCache:
         between the checks and the registration, so a block is fetched once.
         """
         nblocks = -(-f.size // self.block_size)
-        keys: list[BlockKey] = []
-        for idx in range(first, min(first + count, nblocks)):
+        disk = self._disk
+        first_key = (f.key, first)
+        if first >= nblocks or first_key in self._memory or first_key in self._inflight:
+            return 0
+        if disk is not None and disk.contains(f.key, first):
+            flight = self._inflight[first_key] = _Flight(from_disk=True)
+            f.pin()
+            self._nursery.start_soon(self._fetch_from_disk, f, first, flight, readahead)
+            return 1
+        keys: list[BlockKey] = [first_key]
+        for idx in range(first + 1, min(first + count, nblocks)):
             key = (f.key, idx)
             if key in self._memory or key in self._inflight:
                 break
+            if disk is not None and disk.contains(f.key, idx):
+                break
             keys.append(key)
-        if not keys:
-            return 0
         flights = [_Flight() for _ in keys]
         self._inflight.update(zip(keys, flights, strict=True))
         f.pin()
         self._nursery.start_soon(self._fetch, f, first, keys, flights, readahead)
         return len(keys)
 
+    async def _fetch_from_disk(
+        self, f: CachedFile, idx: int, flight: _Flight, readahead: bool
+    ) -> None:
+        """Serve one block from disk; a block that fails its checks is fetched from below."""
+        assert self._disk is not None
+        length = min(self.block_size, f.size - idx * self.block_size)
+        try:
+            data = await trio.to_thread.run_sync(
+                self._disk.read, f.key, idx, length, limiter=self._disk_limiter,
+                abandon_on_cancel=True,
+            )
+        except trio.Cancelled:
+            self._release([(f.key, idx)], [flight], None, "disk read cancelled")
+            f.unpin()
+            raise
+        except Exception:  # a bug or an odd file system: a miss, never a dead daemon
+            log.exception("%s: reading block %d from the disk cache failed", f.display, idx)
+            data = None
+        if data is None:
+            flight.from_disk = False
+            await self._fetch(f, idx, [(f.key, idx)], [flight], readahead, pinned=False)
+            f.unpin()
+            return
+        self._release([(f.key, idx)], [flight], [data], None)
+        f.unpin()
+
+    async def _write_to_disk(
+        self, receive: trio.MemoryReceiveChannel[tuple[BlockKey, Block]]
+    ) -> None:
+        assert self._disk is not None
+        async for (file_key, idx), block in receive:
+            try:
+                await trio.to_thread.run_sync(self._disk.write, file_key, idx, block,
+                                              limiter=self._disk_limiter)
+            except Exception:
+                log.exception("writing a block to the disk cache failed")
+
     async def _fetch(
         self, f: CachedFile, first: int, keys: list[BlockKey], flights: list[_Flight],
-        readahead: bool,
+        readahead: bool, pinned: bool = True,
     ) -> None:
         bs = self.block_size
         sizes = [min(bs, f.size - (first + i) * bs) for i in range(len(keys))]
@@ -193,11 +272,23 @@ class BlockCache:
             if error is not None:
                 self._lower_errors += 1
                 log.error("%s", error)
-            for i, (key, flight) in enumerate(zip(keys, flights, strict=True)):
-                if error is None:
-                    flight.data = blocks[i]
-                    self._memory.put(key, blocks[i])
-                flight.error = error
-                del self._inflight[key]
-                flight.done.set()
-            f.unpin()
+            self._release(keys, flights, blocks if error is None else None, error)
+            if pinned:
+                f.unpin()
+        if self._disk is not None and error is None:
+            for key, block in zip(keys, blocks, strict=True):
+                try:
+                    self._disk_queue.send_nowait((key, block))
+                except trio.WouldBlock:
+                    self._disk_writes_dropped += 1
+
+    def _release(self, keys: list[BlockKey], flights: list[_Flight],
+                 blocks: list[bytearray] | None, error: str | None) -> None:
+        """Publish a fetch's outcome to its waiters; no await, so nobody sees half of it."""
+        for i, (key, flight) in enumerate(zip(keys, flights, strict=True)):
+            if blocks is not None:
+                flight.data = blocks[i]
+                self._memory.put(key, blocks[i])
+            flight.error = error
+            del self._inflight[key]
+            flight.done.set()

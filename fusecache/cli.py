@@ -16,6 +16,7 @@ from fusecache.config import (
     KernelConfig,
     MountConfig,
     SourceConfig,
+    default_cache_dir,
     format_size,
     memory_limit,
     parse_size,
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mem-cache", type=_size, default=None, metavar="SIZE",
                    help="memory for cached blocks (default: a quarter of the container's "
                    "memory limit)")
+    m.add_argument("--cache-dir", type=Path, default=default_cache_dir(), metavar="DIR",
+                   help="where the disk cache lives; it persists across remounts")
+    m.add_argument("--disk-cache", type=_size, default=CacheConfig.disk_bytes, metavar="SIZE",
+                   help="most bytes the disk cache may hold (also at most 90%% of the free "
+                   "space); 0 turns it off")
     m.add_argument("--fetch-size", type=_size, default=CacheConfig.fetch_size, metavar="SIZE",
                    help="bytes per read from the lower mount (a multiple of 1 MiB)")
     m.add_argument("--parallel", type=int, default=SourceConfig.readahead_threads, metavar="N",
@@ -160,11 +166,16 @@ def _setup_logging(verbose: bool) -> None:
 
 def _mount(args: argparse.Namespace) -> int:
     check_mount_args(args.source, args.mountpoint, args.force)
+    cache_dir = args.cache_dir.resolve()
+    if args.disk_cache and (cache_dir == args.mountpoint.resolve()
+                            or args.mountpoint.resolve() in cache_dir.parents):
+        raise UsageError("the cache dir must not be inside the mountpoint")
     mem = args.mem_cache if args.mem_cache is not None else memory_limit() // 4
     config = MountConfig(
         source=args.source.resolve(),
         mountpoint=args.mountpoint.resolve(),
-        cache=replace(CacheConfig(), mem_bytes=mem, fetch_size=args.fetch_size),
+        cache=replace(CacheConfig(), mem_bytes=mem, fetch_size=args.fetch_size,
+                      cache_dir=args.cache_dir.resolve(), disk_bytes=args.disk_cache),
         kernel=replace(KernelConfig(), read_ahead_kb=args.read_ahead_kb,
                        max_background=args.max_background,
                        congestion_threshold=args.max_background * 3 // 4,

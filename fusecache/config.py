@@ -67,6 +67,11 @@ class CacheConfig:
     # One lower-mount read fills this many bytes of consecutive blocks (one preadv).
     # Large reads amortize the per-request cost of a remote store.
     fetch_size: int = 8 * MiB
+    # The disk tier: None turns it off. Its size is also held under 90% of the
+    # free space (see DiskTier).
+    cache_dir: Path | None = None
+    # 100 GiB holds the study's ten models (about 40 GB) twice over.
+    disk_bytes: int = 100 * GiB
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Sized
+from collections.abc import Callable, Hashable, Sized
 from typing import Generic, TypeVar
 
 V = TypeVar("V", bound=Sized)
@@ -23,8 +23,11 @@ class ScanResistantLRU(Generic[V]):
     look at the eviction victim before evicting, which is why this is our own.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(
+        self, capacity: int, on_evict: Callable[[BlockKey, V], None] | None = None
+    ) -> None:
         self.capacity = capacity
+        self._on_evict = on_evict
         self.used = 0
         self.evictions = 0
         self._data: OrderedDict[BlockKey, V] = OrderedDict()
@@ -57,13 +60,22 @@ class ScanResistantLRU(Generic[V]):
             victim = self._data.pop(victim_key)
             self.used -= len(victim)
             self.evictions += 1
+            if self._on_evict is not None:
+                self._on_evict(victim_key, victim)
         self._data[key] = value
         self.used += size
         return True
 
-    def discard_file(self, file_key: Hashable) -> int:
-        """Drop every block of one file; return how many were dropped."""
+    def discard(self, key: BlockKey) -> V | None:
+        """Drop one block; return it, or None if it was not there."""
+        value = self._data.pop(key, None)
+        if value is not None:
+            self.used -= len(value)
+        return value
+
+    def discard_file(self, file_key: Hashable) -> list[BlockKey]:
+        """Drop every block of one file; return their keys."""
         doomed = [k for k in self._data if k[0] == file_key]
         for k in doomed:
-            self.used -= len(self._data.pop(k))
-        return len(doomed)
+            self.discard(k)
+        return doomed

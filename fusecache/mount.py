@@ -21,6 +21,7 @@ from fusecache import kernel
 from fusecache.blockcache import BlockCache
 from fusecache.config import MountConfig
 from fusecache.core import FilesystemCore
+from fusecache.disktier import DiskTier
 from fusecache.fuse_ops import FuseOperations
 from fusecache.source import LowerSource
 
@@ -48,8 +49,14 @@ def pidfile_for(mountpoint: Path) -> Path:
 async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> None:
     """Mount, call on_ready(None) once the mount answers, serve until unmounted or signalled."""
     source = LowerSource(config.source, config.lower)
+    disk = None
+    if config.cache.cache_dir is not None and config.cache.disk_bytes > 0:
+        try:
+            disk = DiskTier(config.cache.cache_dir, config.cache.disk_bytes)
+        except OSError as exc:
+            raise MountError(f"cannot use cache dir {config.cache.cache_dir}: {exc}") from None
     async with trio.open_nursery() as nursery:
-        cache = BlockCache(config.cache, source, nursery)
+        cache = BlockCache(config.cache, source, nursery, disk)
         core = FilesystemCore(source, cache, nursery, invalidate=pyfuse3.invalidate_inode)
         ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
         options = set(pyfuse3.default_options)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import trio
 from fusecache.blockcache import BlockCache
 from fusecache.config import CacheConfig, MiB
 from fusecache.core import FilesystemCore
+from fusecache.disktier import DiskTier
 from fusecache.source import LowerSource
 
 HAVE_FUSE = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
@@ -25,16 +27,23 @@ needs_fuse = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-async def core(tmp_path: Path) -> AsyncIterator[FilesystemCore]:
-    """A FilesystemCore over tmp_path/src with a 64 MiB memory cache."""
+@asynccontextmanager
+async def make_core(tmp_path: Path, mem: int, disk: DiskTier | None = None
+                    ) -> AsyncIterator[FilesystemCore]:
     src = tmp_path / "src"
-    src.mkdir()
+    src.mkdir(exist_ok=True)
     source = LowerSource(src)
     async with trio.open_nursery() as nursery:
-        cache = BlockCache(replace(CacheConfig(), mem_bytes=64 * MiB), source, nursery)
+        cache = BlockCache(replace(CacheConfig(), mem_bytes=mem), source, nursery, disk)
         yield FilesystemCore(source, cache, nursery)
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def core(tmp_path: Path) -> AsyncIterator[FilesystemCore]:
+    """A FilesystemCore over tmp_path/src with a 64 MiB memory cache and no disk tier."""
+    async with make_core(tmp_path, 64 * MiB) as c:
+        yield c
 
 
 def fusecache_cmd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -74,11 +83,12 @@ def mount_factory(tmp_path: Path) -> Iterator:
     """Mounts SRC at a fresh mountpoint through the real CLI; unmounts all of them at the end."""
     made: list[Path] = []
 
-    def make(src: Path, *options: str) -> Mount:
+    def make(src: Path, *options: str, cache_dir: Path | None = None) -> Mount:
         mnt = tmp_path / f"mnt{len(made)}"
         mnt.mkdir(exist_ok=True)
         made.append(mnt)
-        res = fusecache_cmd("mount", str(src), str(mnt),
+        cache = cache_dir or tmp_path / f"cache{len(made)}"
+        res = fusecache_cmd("mount", str(src), str(mnt), "--cache-dir", str(cache),
                             "--log-file", str(tmp_path / "fusecache.log"), *options)
         assert res.returncode == 0, res.stderr
         return Mount(src, mnt)

@@ -50,5 +50,5 @@ def test_discard_file() -> None:
     lru.put(("a", 0), b"xx")
     lru.put(("a", 1), b"xx")
     lru.put(("b", 0), b"xx")
-    assert lru.discard_file("a") == 2
+    assert lru.discard_file("a") == [("a", 0), ("a", 1)]
     assert lru.used == 2 and len(lru) == 1

@@ -1,0 +1,98 @@
+"""The disk tier: persistence, validation, bounds, permissions; without a kernel."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from fusecache.disktier import HEADER, DiskTier
+from tests.ramp import ramp
+
+KEY = (b"models/a.safetensors", 3 << 20, 123456789, 42)
+BLOCK = 64 * 1024
+
+
+def block(idx: int) -> bytes:
+    return ramp(idx * BLOCK, BLOCK)
+
+
+def block_files(root: Path) -> list[Path]:
+    return sorted(root.glob("v1/*/*.blk"))
+
+
+def test_round_trip_and_persistence(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    assert tier.write(KEY, 0, block(0)) and tier.write(KEY, 1, block(1))
+    again = DiskTier(tmp_path / "c", 1 << 30)
+    assert again.contains(KEY, 1)
+    assert again.read(KEY, 0, BLOCK) == block(0)
+    assert again.read(KEY, 1, BLOCK) == block(1)
+    assert again.validation_failures == 0
+
+
+def test_other_identity_is_a_miss(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier.write(KEY, 0, block(0))
+    changed = (KEY[0], KEY[1], KEY[2] + 1, KEY[3])
+    assert tier.read(changed, 0, BLOCK) is None
+    assert tier.read(KEY, 0, BLOCK + 1) is None, "a wrong length must not pass"
+
+
+def test_corrupt_or_truncated_blocks_are_misses_and_removed(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    for i in range(4):
+        tier.write(KEY, i, block(i))
+    files = block_files(tmp_path / "c")
+    with open(files[0], "r+b") as f:  # flip one data byte
+        f.seek(HEADER.size + 100)
+        byte = f.read(1)
+        f.seek(HEADER.size + 100)
+        f.write(bytes([byte[0] ^ 1]))
+    os.truncate(files[1], HEADER.size + BLOCK // 2)
+    os.truncate(files[2], 10)
+    results = [tier.read(KEY, i, BLOCK) for i in range(4)]
+    assert results[:3] == [None, None, None]
+    assert results[3] == block(3)
+    assert tier.validation_failures == 3
+    assert len(block_files(tmp_path / "c")) == 1
+    assert not tier.contains(KEY, 0)
+
+
+def test_half_written_files_are_dropped_on_start(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier.write(KEY, 0, block(0))
+    path = block_files(tmp_path / "c")[0]
+    tmp = path.with_name("1.blk.tmp")  # what a kill -9 mid-write leaves
+    tmp.write_bytes(path.read_bytes()[: HEADER.size + 10])
+    again = DiskTier(tmp_path / "c", 1 << 30)
+    assert not tmp.exists()
+    assert not again.contains(KEY, 1)
+
+
+def test_size_bound_evicts_lru_and_deletes_files(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "c", 3 * BLOCK)
+    other = (b"other", 1, 1, 1)
+    for i in range(3):
+        tier.write(other, i, block(i))
+    tier.write(KEY, 0, block(0))
+    assert tier.used <= 3 * BLOCK
+    assert len(block_files(tmp_path / "c")) == 3
+    assert not tier.contains(other, 0)
+
+
+def test_permissions(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier.write(KEY, 0, block(0))
+    assert stat.S_IMODE(os.stat(tmp_path / "c").st_mode) == 0o700
+    path = block_files(tmp_path / "c")[0]
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_discard_file(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier.write(KEY, 0, block(0))
+    tier.write(KEY, 1, block(1))
+    tier.discard_file(KEY)
+    assert not tier.contains(KEY, 0) and block_files(tmp_path / "c") == []
