@@ -1,0 +1,90 @@
+"""Does the daemon's cache replace the page cache? A read, drop_caches, a read, a remount, a read.
+
+    python -m fusecache.bench.cachecheck [--size-mib 400]
+
+Runs on the OSS stand-in, as root (drop_caches and the byte counter need it), and prints for
+each pass the bytes that crossed from the lower mount as a multiple of the file's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .standin import running_standin
+
+
+def _sha(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+@contextlib.contextmanager
+def _mounted(source: Path, cache_dir: Path) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="fusecache-check-") as mnt:
+        subprocess.run([sys.executable, "-m", "fusecache", "mount", source, mnt,
+                        "--cache-dir", str(cache_dir)], check=True, capture_output=True)
+        try:
+            yield Path(mnt)
+        finally:
+            subprocess.run([sys.executable, "-m", "fusecache", "umount", mnt], check=False)
+
+
+def _wait_for_disk(mnt: Path, size: int, timeout: float = 60) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats: dict[str, int] = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
+        if stats["disk_used"] >= size or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=400)
+    size = parser.parse_args().size_mib << 20
+    with tempfile.TemporaryDirectory(prefix="fusecache-cache-") as cache, running_standin() as s:
+        if s.bytes_sent() is None:
+            print("cachecheck: needs root (tc byte counter, drop_caches)", file=sys.stderr)
+            return 2
+        (s.bucket_dir / "model.safetensors").write_bytes(os.urandom(size))
+        want = _sha(s.bucket_dir / "model.safetensors")
+        time.sleep(1.5)  # the server's listing cache
+
+        def timed_pass(label: str, mnt: Path) -> None:
+            before, t0 = s.bytes_sent() or 0, time.perf_counter()
+            if _sha(mnt / "model.safetensors") != want:
+                raise SystemExit(f"cachecheck: {label}: WRONG BYTES through fusecache")
+            elapsed = time.perf_counter() - t0
+            moved = (s.bytes_sent() or 0) - before
+            print(f"{label:32} {moved / size:.4f}x the file from the lower mount, "
+                  f"{size / elapsed / 1e6:,.0f} MB/s, bytes right")
+
+        with _mounted(s.mount, Path(cache)) as mnt:
+            timed_pass("first read", mnt)
+            stats = _wait_for_disk(mnt, size)
+            _drop_caches()
+            timed_pass("after drop_caches", mnt)
+        print(f"  disk writes dropped: {stats['disk_writes_dropped']}")
+        with _mounted(s.mount, Path(cache)) as mnt:
+            _drop_caches()
+            timed_pass("after remount + drop_caches", mnt)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
