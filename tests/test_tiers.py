@@ -79,3 +79,39 @@ def test_remount_serves_from_disk(tmp_path: Path, mount_factory) -> None:
     # Read-ahead brings blocks from disk into memory, so some count as memory hits.
     assert stats["lower_bytes"] == 0
     assert stats["served_disk"] > 0 and stats["served_disk"] + stats["served_memory"] >= SIZE
+
+
+@needs_fuse
+def test_kill_9_mid_read_leaves_no_bad_block(tmp_path: Path, mount_factory) -> None:
+    import signal
+    import threading
+
+    from fusecache.mount import pidfile_for
+    from tests.conftest import fusecache_cmd
+
+    src = tmp_path / "tree"
+    src.mkdir()
+    size = 64 * MiB
+    write_ramp(src / "model.bin", size, seed=4)
+    cache = tmp_path / "crash-cache"
+    m = mount_factory(src, cache_dir=cache)
+    pid = int(pidfile_for(m.mnt).read_text())
+
+    def read() -> None:
+        try:
+            (m.mnt / "model.bin").read_bytes()
+        except OSError:
+            pass  # the daemon dies under this reader
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not any(cache.glob("v1/*/*.blk")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)  # mid-read, disk writes under way
+    reader.join(10)
+    res = fusecache_cmd("umount", str(m.mnt))  # clears the stale mount
+    assert res.returncode == 0, res.stderr
+    m2 = mount_factory(src, cache_dir=cache)
+    assert (m2.mnt / "model.bin").read_bytes() == ramp(0, size, seed=4)
+    assert m2.stats()["validation_failures"] == 0
