@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .standin import running_standin
+from .standin import BUCKET, running_standin
 
 
 def _sha(path: Path) -> str:
@@ -57,13 +57,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=400)
     size = parser.parse_args().size_mib << 20
-    with tempfile.TemporaryDirectory(prefix="fusecache-cache-") as cache, running_standin() as s:
+    with contextlib.ExitStack() as stack:
+        cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="fusecache-cache-"))
+        data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fusecache-oss-")))
+        (data / BUCKET).mkdir()
+        (data / BUCKET / "model.safetensors").write_bytes(os.urandom(size))
+        want = _sha(data / BUCKET / "model.safetensors")
+        s = stack.enter_context(running_standin(data_dir=data))
         if s.bytes_sent() is None:
             print("cachecheck: needs root (tc byte counter, drop_caches)", file=sys.stderr)
             return 2
-        (s.bucket_dir / "model.safetensors").write_bytes(os.urandom(size))
-        want = _sha(s.bucket_dir / "model.safetensors")
-        time.sleep(1.5)  # the server's listing cache
 
         def timed_pass(label: str, mnt: Path) -> None:
             before, t0 = s.bytes_sent() or 0, time.perf_counter()

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import models, workload
-from .standin import Standin, running_standin
+from .standin import BUCKET, Standin, running_standin
 
 
 @dataclass
@@ -142,11 +142,14 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
     with contextlib.ExitStack() as stack:
         counter: Callable[[], int | None] = lambda: None  # noqa: E731
         if source is None:
-            _progress("starting the OSS stand-in (rclone serve s3 + s3fs + tc)")
-            standin: Standin = stack.enter_context(running_standin())
+            # Models are written before s3fs mounts: a lookup that comes before the
+            # server lists a new object can leave s3fs taking the name for a directory.
+            data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fusecache-")))
             _progress(f"writing {len(names)} models at scale {scale}")
-            models.ensure_models(standin.bucket_dir, names, scale)
-            time.sleep(1.5)  # let the server's listing cache see the new objects
+            (data / BUCKET).mkdir()
+            models.ensure_models(data / BUCKET, names, scale)
+            _progress("starting the OSS stand-in (rclone serve s3 + s3fs + tc)")
+            standin: Standin = stack.enter_context(running_standin(data_dir=data))
             source, counter = standin.mount, standin.bytes_sent
         cases = [run_case("plain", source, names, counter)]
         with _fusecache_mount(source, mount_options) as mnt:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fusecache.bench.standin import Standin, running_standin
+from fusecache.bench.standin import BUCKET, Standin, running_standin
 
 from fusecache.config import MiB
 from tests.conftest import needs_fuse
@@ -27,9 +27,13 @@ SIZE = 24 * MiB + 4321
 
 
 @pytest.fixture(scope="module")
-def standin() -> Iterator[Standin]:
-    with running_standin() as s:
-        write_ramp(s.bucket_dir / "model.safetensors", SIZE, seed=5)
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standin]:
+    # The object exists before s3fs mounts: a lookup that comes before the server
+    # lists a new object can leave s3fs taking the name for a directory.
+    data = tmp_path_factory.mktemp("oss")
+    (data / BUCKET).mkdir()
+    write_ramp(data / BUCKET / "model.safetensors", SIZE, seed=5)
+    with running_standin(data_dir=data) as s:
         _wait_for_object(s.mount / "model.safetensors", SIZE)
         yield s
 
@@ -37,8 +41,7 @@ def standin() -> Iterator[Standin]:
 def _wait_for_object(path: Path, size: int) -> None:
     """Wait until s3fs lists *path* as a regular file of *size* bytes.
 
-    The server's listing cache lags a new object by up to a second, and s3fs
-    may meanwhile take the name for a directory prefix; it then keeps that.
+    The server's listing cache may lag a new object by up to a second.
     """
     deadline = time.monotonic() + 20
     while True:
