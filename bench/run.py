@@ -154,7 +154,12 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
         cases = [run_case("plain", source, names, counter)]
         with _fusecache_mount(source, mount_options) as mnt:
             cases.append(run_case("fusecache", mnt, names, counter))
-    table = format_table(cases)
+            daemon = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
+    table = format_table(cases) + (
+        f"\nfusecache daemon: served {_mb(daemon['served_memory'])} MB from memory, "
+        f"{_mb(daemon['served_disk'])} MB from disk, {_mb(daemon['served_lower'])} MB from "
+        f"below; {daemon['evictions']} memory evictions, "
+        f"{daemon['disk_writes_dropped']} disk writes dropped")
     print(table)
     result = {
         "command": " ".join(["fusecache", *sys.argv[1:]]),
@@ -162,6 +167,7 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
                     "python": platform.python_version()},
         "scale": scale,
         "cases": [{"name": c.name, "switches": [asdict(s) for s in c.switches]} for c in cases],
+        "daemon_statistics": daemon,
         "table": table,
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))

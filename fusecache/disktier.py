@@ -148,6 +148,7 @@ class DiskTier:
                 raw = f.read(HEADER.size)
                 n = f.readinto(data)
                 extra = f.read(1)
+                _drop_pages(f.fileno())
         except OSError as exc:
             return f"unreadable: {exc}"
         if len(raw) != HEADER.size:
@@ -179,6 +180,7 @@ class DiskTier:
                 header = HEADER.pack(MAGIC, digest, idx, len(data), zlib.crc32(data))
                 if os.writev(fd, [header, data]) != len(header) + len(data):
                     raise OSError("short write (disk full?)")
+                _drop_pages(fd, flush=True)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
@@ -197,3 +199,16 @@ class DiskTier:
             doomed = self._index.discard_file(digest)
         for key in doomed:
             self._path(digest, key[1]).unlink(missing_ok=True)
+
+
+def _drop_pages(fd: int, flush: bool = False) -> None:
+    """Keep block files out of the page cache.
+
+    Their bytes already sit in our memory tier and in the kernel's pages of the
+    mounted file; a third copy in the page cache would push the mounted file's
+    pages out (measured: second switches of a 8 GB model set 5.0 s -> 12.8 s).
+    Dirty pages cannot be dropped, so a fresh write is flushed first.
+    """
+    if flush:
+        os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
