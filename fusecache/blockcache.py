@@ -96,7 +96,9 @@ class BlockCache:
         self._served_disk = 0
         self._disk_writes_dropped = 0
         self._disk = disk
-        self._disk_limiter = trio.CapacityLimiter(4)
+        # Disk reads only: writers are bounded by their own count and must never
+        # take the threads a reader waiting on a disk block needs.
+        self._disk_read_limiter = trio.CapacityLimiter(4)
         send, receive = trio.open_memory_channel[tuple[BlockKey, Block]](self.DISK_QUEUE)
         self._disk_queue = send
         if disk is not None:
@@ -223,7 +225,7 @@ class BlockCache:
         length = min(self.block_size, f.size - idx * self.block_size)
         try:
             data = await trio.to_thread.run_sync(
-                self._disk.read, f.key, idx, length, limiter=self._disk_limiter,
+                self._disk.read, f.key, idx, length, limiter=self._disk_read_limiter,
                 abandon_on_cancel=True,
             )
         except trio.Cancelled:
@@ -233,10 +235,9 @@ class BlockCache:
         except Exception:  # a bug or an odd file system: a miss, never a dead daemon
             log.exception("%s: reading block %d from the disk cache failed", f.display, idx)
             data = None
-        if data is None:
+        if data is None:  # the pin passes to _fetch, which releases it
             flight.from_disk = False
-            await self._fetch(f, idx, [(f.key, idx)], [flight], readahead, pinned=False)
-            f.unpin()
+            await self._fetch(f, idx, [(f.key, idx)], [flight], readahead)
             return
         self._release([(f.key, idx)], [flight], [data], None)
         f.unpin()
@@ -247,14 +248,13 @@ class BlockCache:
         assert self._disk is not None
         async for (file_key, idx), block in receive:
             try:
-                await trio.to_thread.run_sync(self._disk.write, file_key, idx, block,
-                                              limiter=self._disk_limiter)
+                await trio.to_thread.run_sync(self._disk.write, file_key, idx, block)
             except Exception:
                 log.exception("writing a block to the disk cache failed")
 
     async def _fetch(
         self, f: CachedFile, first: int, keys: list[BlockKey], flights: list[_Flight],
-        readahead: bool, pinned: bool = True,
+        readahead: bool,
     ) -> None:
         bs = self.block_size
         sizes = [min(bs, f.size - (first + i) * bs) for i in range(len(keys))]
@@ -278,8 +278,7 @@ class BlockCache:
                 self._lower_errors += 1
                 log.error("%s", error)
             self._release(keys, flights, blocks if error is None else None, error)
-            if pinned:
-                f.unpin()
+            f.unpin()
         if self._disk is not None and error is None:
             for key, block in zip(keys, blocks, strict=True):
                 try:
