@@ -151,19 +151,19 @@ class FilesystemCore:
             ctime_ns=st.st_ctime_ns,
         )
 
-    def _note_version(self, ino: int, size: int, mtime_ns: int) -> bool:
-        """Record the lower file's version; on a change drop what we cached. True if changed."""
+    def _note_version(self, ino: int, size: int, mtime_ns: int) -> None:
+        """Record the lower file's version; on a change drop the kernel's pages of it.
+
+        Our own blocks are keyed by identity, so a changed file never matches
+        them; open() deletes the old version's blocks.
+        """
         old = self._version.get(ino)
         self._version[ino] = (size, mtime_ns)
         if old is None or old == (size, mtime_ns):
-            return False
+            return
         log.info("%s changed on the lower mount; dropping cached data",
                  os.fsdecode(self._path_of.get(ino, b"?")))
-        stale = self._open_files.get(ino)
-        if stale is not None:
-            self.cache.forget_file(stale.key)
         self._nursery.start_soon(trio.to_thread.run_sync, self._invalidate_quietly, ino)
-        return True
 
     def _invalidate_quietly(self, ino: int) -> None:
         try:
@@ -235,8 +235,8 @@ class FilesystemCore:
         fd, ident = await self.source.open(self.path_of(ino))
         self._note_version(ino, ident.size, ident.mtime_ns)
         current = self._open_files.get(ino)
-        # Compare with the version last opened, whose pages the kernel may hold;
-        # a change seen first by getattr must still drop them here.
+        # Compare with the version last opened, whose pages the kernel may hold
+        # and whose blocks we hold; this also catches a change of etag alone.
         changed = current is not None and current.key != ident.key()
         if changed:
             assert current is not None
