@@ -13,13 +13,12 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from .run import fusecache_mount
 from .standin import BUCKET, running_standin
 
 
@@ -31,17 +30,6 @@ def _sha(path: Path) -> str:
 def _drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-@contextlib.contextmanager
-def _mounted(source: Path, cache_dir: Path) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="fusecache-check-") as mnt:
-        subprocess.run([sys.executable, "-m", "fusecache", "mount", source, mnt,
-                        "--cache-dir", str(cache_dir)], check=True, capture_output=True)
-        try:
-            yield Path(mnt)
-        finally:
-            subprocess.run([sys.executable, "-m", "fusecache", "umount", mnt], check=False)
 
 
 def _wait_for_disk(mnt: Path, size: int, timeout: float = 60) -> dict[str, int]:
@@ -77,13 +65,13 @@ def main() -> int:
             print(f"{label:32} {moved / size:.4f}x the file from the lower mount, "
                   f"{size / elapsed / 1e6:,.0f} MB/s, bytes right")
 
-        with _mounted(s.mount, Path(cache)) as mnt:
+        with fusecache_mount(s.mount, [], Path(cache)) as mnt:
             timed_pass("first read", mnt)
             stats = _wait_for_disk(mnt, size)
             _drop_caches()
             timed_pass("after drop_caches", mnt)
         print(f"  disk writes dropped: {stats['disk_writes_dropped']}")
-        with _mounted(s.mount, Path(cache)) as mnt:
+        with fusecache_mount(s.mount, [], Path(cache)) as mnt:
             _drop_caches()
             timed_pass("after remount + drop_caches", mnt)
     return 0

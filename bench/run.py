@@ -42,14 +42,19 @@ def _progress(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def _fusecache_mount(source: Path, extra: list[str]) -> Iterator[Path]:
+def fusecache_mount(source: Path, extra: list[str], cache_dir: Path | None = None
+                    ) -> Iterator[Path]:
+    """Mount fusecache over *source* at a temporary mountpoint; always unmount.
+
+    Without *cache_dir* the disk cache is fresh: a cold first switch must not
+    hit an earlier run's blocks.
+    """
     with tempfile.TemporaryDirectory(prefix="fusecache-bench-") as tmp:
         mnt = Path(tmp) / "mnt"
         mnt.mkdir()
         cmd = [sys.executable, "-m", "fusecache", "mount", str(source), str(mnt),
                "--log-file", str(Path(tmp) / "fusecache.log"),
-               # A fresh disk cache: a cold first switch must not hit an earlier run's blocks.
-               "--cache-dir", str(Path(tmp) / "cache"), *extra]
+               "--cache-dir", str(cache_dir or Path(tmp) / "cache"), *extra]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"fusecache mount failed: {res.stderr.strip()}")
@@ -152,7 +157,7 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
             standin: Standin = stack.enter_context(running_standin(data_dir=data))
             source, counter = standin.mount, standin.bytes_sent
         cases = [run_case("plain", source, names, counter)]
-        with _fusecache_mount(source, mount_options) as mnt:
+        with fusecache_mount(source, mount_options) as mnt:
             cases.append(run_case("fusecache", mnt, names, counter))
             daemon = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
     table = format_table(cases) + (
