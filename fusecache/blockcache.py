@@ -12,6 +12,7 @@ from typing import Protocol
 
 import trio
 
+from fusecache.blockio import Block, BlockPool, new_pool
 from fusecache.config import CacheConfig
 from fusecache.disktier import DiskTier
 from fusecache.errors import LowerError
@@ -19,8 +20,6 @@ from fusecache.lru import BlockKey, ScanResistantLRU
 from fusecache.source import LowerSource
 
 log = logging.getLogger(__name__)
-
-Block = bytes | bytearray
 
 
 class CachedFile(Protocol):
@@ -48,6 +47,7 @@ class CacheStatistics:
     evictions: int
     memory_used: int
     memory_capacity: int
+    memory_mapped: int  # block memory the process holds, cached or not (C pool only)
     disk_used: int
     disk_capacity: int
     disk_writes_dropped: int
@@ -77,7 +77,7 @@ class BlockCache:
 
     def __init__(
         self, config: CacheConfig, source: LowerSource, nursery: trio.Nursery,
-        disk: DiskTier | None = None,
+        disk: DiskTier | None = None, pool: BlockPool | None = None,
     ) -> None:
         self.block_size = config.block_size
         # A fetch's blocks must all fit in memory until their readers come, or
@@ -85,6 +85,7 @@ class BlockCache:
         fetch = min(config.fetch_size, config.mem_bytes // 4)
         self.fetch_blocks = max(1, fetch // config.block_size)
         self._source = source
+        self._pool = pool or new_pool(config.block_size)
         self._nursery = nursery
         self._memory: ScanResistantLRU[Block] = ScanResistantLRU(config.mem_bytes)
         self._inflight: dict[BlockKey, _Flight] = {}
@@ -116,6 +117,7 @@ class BlockCache:
             evictions=self._memory.evictions,
             memory_used=self._memory.used,
             memory_capacity=self._memory.capacity,
+            memory_mapped=self._pool.statistics()["mapped_bytes"],
             disk_used=self._disk.used if self._disk else 0,
             disk_capacity=self._disk.capacity if self._disk else 0,
             disk_writes_dropped=self._disk_writes_dropped,
@@ -128,7 +130,7 @@ class BlockCache:
         if self._disk is not None:
             self._nursery.start_soon(trio.to_thread.run_sync, self._disk.discard_file, key)
 
-    async def read(self, f: CachedFile, offset: int, size: int) -> Block | memoryview:
+    async def read(self, f: CachedFile, offset: int, size: int) -> Block:
         """Bytes [offset, offset+size) of *f*, short at EOF; zero-copy within one block."""
         end = min(offset + size, f.size)
         if offset >= end:
@@ -138,15 +140,13 @@ class BlockCache:
         if first == last:
             block = await self._block(f, first)
             return memoryview(block)[offset - first * bs : end - first * bs]
-        out = bytearray(end - offset)
-        pos = 0
+        parts = []
         for idx in range(first, last + 1):
             block = await self._block(f, idx)
             lo = max(offset - idx * bs, 0)
             hi = min(end - idx * bs, len(block))
-            out[pos : pos + hi - lo] = memoryview(block)[lo:hi]
-            pos += hi - lo
-        return out
+            parts.append(memoryview(block)[lo:hi])
+        return self._pool.join(parts)
 
     async def _block(self, f: CachedFile, idx: int) -> Block:
         key = (f.key, idx)
@@ -225,7 +225,7 @@ class BlockCache:
         length = min(self.block_size, f.size - idx * self.block_size)
         try:
             data = await trio.to_thread.run_sync(
-                self._disk.read, f.key, idx, length, limiter=self._disk_read_limiter,
+                self._disk.read, f.key, idx, length, self._pool, limiter=self._disk_read_limiter,
                 abandon_on_cancel=True,
             )
         except trio.Cancelled:
@@ -259,9 +259,10 @@ class BlockCache:
         bs = self.block_size
         sizes = [min(bs, f.size - (first + i) * bs) for i in range(len(keys))]
         error: str | None = None
-        blocks: list[bytearray] = []
+        blocks: list[Block] = []
         try:
-            blocks = await self._source.read_blocks(f.fd, first * bs, sizes, readahead)
+            blocks = await self._source.read_blocks(self._pool, f.fd, first * bs, sizes,
+                                                    readahead)
             self._lower_reads += 1
             self._lower_bytes += sum(len(b) for b in blocks)
             if [len(b) for b in blocks] != sizes:
@@ -287,7 +288,7 @@ class BlockCache:
                     self._disk_writes_dropped += 1
 
     def _release(self, keys: list[BlockKey], flights: list[_Flight],
-                 blocks: list[bytearray] | None, error: str | None) -> None:
+                 blocks: list[Block] | None, error: str | None) -> None:
         """Publish a fetch's outcome to its waiters; no await, so nobody sees half of it."""
         for i, (key, flight) in enumerate(zip(keys, flights, strict=True)):
             if blocks is not None:

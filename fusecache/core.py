@@ -15,6 +15,7 @@ from itertools import count
 import trio
 
 from fusecache.blockcache import BlockCache
+from fusecache.blockio import Block
 from fusecache.errors import FsError
 from fusecache.readahead import ReadaheadConfig, SequentialStream
 from fusecache.source import Identity, LowerSource
@@ -256,7 +257,7 @@ class FilesystemCore:
         self._handles[fh] = Handle(ino, lower, stream)
         return fh, not changed
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
+    async def read(self, fh: int, offset: int, size: int) -> Block:
         handle = self._handle(fh)
         self.read_requests += 1
         ahead = handle.stream.on_read(offset, size)

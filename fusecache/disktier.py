@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Hashable
 from pathlib import Path
 
+from fusecache.blockio import Block, BlockPool
 from fusecache.lru import BlockKey, ScanResistantLRU
 
 log = logging.getLogger(__name__)
@@ -121,16 +122,19 @@ class DiskTier:
         with self._lock:
             return (self._digest(file_key), idx) in self._index
 
-    def read(self, file_key: Hashable, idx: int, length: int) -> bytearray | None:
-        """The block if its file is whole and belongs to this identity and index; else None."""
+    def read(self, file_key: Hashable, idx: int, length: int, pool: BlockPool
+             ) -> Block | None:
+        """The block if its file is whole and belongs to this identity and index; else None.
+
+        *pool* provides the block's memory.
+        """
         digest = self._digest(file_key)
         key = (digest, idx)
         with self._lock:
             if self._index.get(key) is None:
                 return None
         path = self._path(digest, idx)
-        data = bytearray(length)
-        why = self._check(path, digest, idx, data)
+        data, why = self._load(path, digest, idx, length, pool)
         if why is None:
             return data
         log.warning("disk cache block %s is bad (%s); fetching it again", path, why)
@@ -141,28 +145,35 @@ class DiskTier:
         return None
 
     @staticmethod
-    def _check(path: Path, digest: bytes, idx: int, data: bytearray) -> str | None:
-        """Read the block at *path* into *data*; return what is wrong with it, or None."""
+    def _load(path: Path, digest: bytes, idx: int, length: int, pool: BlockPool
+              ) -> tuple[Block | None, str | None]:
+        """Read the block at *path*; return it, or what is wrong with it."""
         try:
-            with open(path, "rb", buffering=0) as f:
-                raw = f.read(HEADER.size)
-                n = f.readinto(data)
-                extra = f.read(1)
-                _drop_pages(f.fileno())
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            return f"unreadable: {exc}"
-        if len(raw) != HEADER.size:
-            return "truncated header"
-        magic, got_digest, got_idx, got_len, crc = HEADER.unpack(raw)
-        if (magic, got_digest, got_idx, got_len) != (MAGIC, digest, idx, len(data)):
-            return "header does not match"
-        if n != len(data) or extra:
-            return "wrong length"
+            return None, f"unreadable: {exc}"
+        try:
+            raw = os.pread(fd, HEADER.size, 0)
+            if len(raw) != HEADER.size:
+                return None, "truncated header"
+            magic, got_digest, got_idx, got_len, crc = HEADER.unpack(raw)
+            if (magic, got_digest, got_idx, got_len) != (MAGIC, digest, idx, length):
+                return None, "header does not match"
+            if os.fstat(fd).st_size != HEADER.size + length:
+                return None, "wrong length"
+            [data] = pool.read(fd, HEADER.size, [length])
+            _drop_pages(fd)
+        except OSError as exc:
+            return None, f"unreadable: {exc}"
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            return None, "wrong length"
         if zlib.crc32(data) != crc:
-            return "checksum mismatch"
-        return None
+            return None, "checksum mismatch"
+        return data, None
 
-    def write(self, file_key: Hashable, idx: int, data: bytes | bytearray) -> bool:
+    def write(self, file_key: Hashable, idx: int, data: Block) -> bool:
         """Store a block; False if the index would not admit it."""
         digest = self._digest(file_key)
         key = (digest, idx)

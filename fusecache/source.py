@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import trio
 
+from fusecache.blockio import Block, BlockPool
 from fusecache.config import SourceConfig
 
 T = TypeVar("T")
@@ -101,9 +102,9 @@ class LowerSource:
         await self._meta(os.close, fd)
 
     async def read_blocks(
-        self, fd: int, offset: int, sizes: list[int], readahead: bool = False
-    ) -> list[bytearray]:
-        """Read consecutive blocks at *offset* in one preadv; short files give short blocks.
+        self, pool: BlockPool, fd: int, offset: int, sizes: list[int], readahead: bool = False
+    ) -> list[Block]:
+        """Consecutive blocks at *offset*, filled by *pool*; short files give short blocks.
 
         Read-ahead has its own limiter, so it can never take the threads a
         reader who is waiting needs.
@@ -111,39 +112,11 @@ class LowerSource:
         limiter = self._readahead if readahead else self._demand
         with trio.move_on_after(self.read_timeout):
             return await trio.to_thread.run_sync(
-                _preadv_exact, fd, offset, sizes, limiter=limiter, abandon_on_cancel=True
+                pool.read, fd, offset, sizes, limiter=limiter, abandon_on_cancel=True
             )
         # The thread is abandoned; it ends whenever the lower mount answers.
         raise TimeoutError(errno.ETIMEDOUT, f"no answer from the lower mount in "
                            f"{self.read_timeout:.0f} s")
-
-
-def _preadv_exact(fd: int, offset: int, sizes: list[int]) -> list[bytearray]:
-    bufs = [bytearray(n) for n in sizes]
-    want = sum(sizes)
-    got = 0
-    # A FUSE lower mount may return short reads before EOF; keep reading until
-    # EOF (0) or everything asked for has arrived.
-    while got < want:
-        views, skip = [], got
-        for b in bufs:
-            if skip >= len(b):
-                skip -= len(b)
-                continue
-            views.append(memoryview(b)[skip:])
-            skip = 0
-        n = os.preadv(fd, views, offset + got)
-        if n == 0:
-            break
-        got += n
-    if got < want:
-        # Trim to what exists; blocks past EOF come back empty.
-        out, left = [], got
-        for b in bufs:
-            out.append(b[: max(0, min(len(b), left))] if left < len(b) else b)
-            left -= len(b)
-        return out
-    return bufs
 
 
 def _getxattr(path: bytes, name: bytes) -> bytes:

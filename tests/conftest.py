@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from fusecache import blockio
 from fusecache.blockcache import BlockCache
 from fusecache.config import CacheConfig, MiB
 from fusecache.core import FilesystemCore
@@ -27,22 +28,53 @@ needs_fuse = pytest.mark.skipif(
 )
 
 
+def pool_class(implementation: str) -> type:
+    """The C block pool or its pure-Python twin; the C one must exist where it is required."""
+    if implementation == "python":
+        return blockio.PyBlockPool
+    try:
+        from fusecache._native import BlockPool
+    except ImportError:
+        if os.environ.get("FUSECACHE_REQUIRE_NATIVE") == "1":
+            raise
+        pytest.skip("the C module fusecache._native is not built")
+    return BlockPool
+
+
+IMPLEMENTATIONS = ["native", "python"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request: pytest.FixtureRequest) -> str:
+    """Each test of the copy path runs against both block pools."""
+    pool_class(request.param)  # skips a missing C module unless it is required
+    return str(request.param)
+
+
+@pytest.fixture
+def pool(implementation: str) -> blockio.BlockPool:
+    pool: blockio.BlockPool = pool_class(implementation)(CacheConfig().block_size)
+    return pool
+
+
 @asynccontextmanager
-async def make_core(tmp_path: Path, mem: int, disk: DiskTier | None = None
-                    ) -> AsyncIterator[FilesystemCore]:
+async def make_core(tmp_path: Path, mem: int, disk: DiskTier | None = None,
+                    implementation: str = "native") -> AsyncIterator[FilesystemCore]:
     src = tmp_path / "src"
     src.mkdir(exist_ok=True)
     source = LowerSource(src)
+    config = replace(CacheConfig(), mem_bytes=mem)
+    pool = pool_class(implementation)(config.block_size)
     async with trio.open_nursery() as nursery:
-        cache = BlockCache(replace(CacheConfig(), mem_bytes=mem), source, nursery, disk)
+        cache = BlockCache(config, source, nursery, disk, pool)
         yield FilesystemCore(source, cache, nursery)
         nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
-async def core(tmp_path: Path) -> AsyncIterator[FilesystemCore]:
+async def core(tmp_path: Path, implementation: str) -> AsyncIterator[FilesystemCore]:
     """A FilesystemCore over tmp_path/src with a 64 MiB memory cache and no disk tier."""
-    async with make_core(tmp_path, 64 * MiB) as c:
+    async with make_core(tmp_path, 64 * MiB, implementation=implementation) as c:
         yield c
 
 

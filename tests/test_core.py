@@ -178,17 +178,16 @@ async def test_file_over_4gib(core: FilesystemCore) -> None:
 async def test_hung_lower_read_is_eio_not_a_hang(core: FilesystemCore, monkeypatch) -> None:
     import threading
 
-    from fusecache import source
-
     release = threading.Event()
 
-    def hang(*args: object) -> list[bytearray]:
-        release.wait(30)
-        return []
+    class HangingPool:
+        def read(self, *args: object) -> list[bytes]:
+            release.wait(30)
+            return []
 
     write_ramp(src_of(core) + "/f", 2 * MiB)
     fh = await open_file(core, b"f")
-    monkeypatch.setattr(source, "_preadv_exact", hang)
+    monkeypatch.setattr(core.cache, "_pool", HangingPool())
     core.source.read_timeout = 0.2
     try:
         with trio.fail_after(5), pytest.raises(FsError) as info:

@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+from fusecache.blockio import BlockPool
 from fusecache.disktier import HEADER, DiskTier
 from tests.ramp import ramp
 
@@ -17,29 +18,36 @@ def block(idx: int) -> bytes:
     return ramp(idx * BLOCK, BLOCK)
 
 
+def load(tier: DiskTier, pool: BlockPool, key: tuple[object, ...], idx: int,
+         length: int = BLOCK) -> bytes | None:
+    data = tier.read(key, idx, length, pool)
+    return None if data is None else bytes(data)
+
+
 def block_files(root: Path) -> list[Path]:
     return sorted(root.glob("v1/*/*.blk"))
 
 
-def test_round_trip_and_persistence(tmp_path: Path) -> None:
+def test_round_trip_and_persistence(tmp_path: Path, pool: BlockPool) -> None:
     tier = DiskTier(tmp_path / "c", 1 << 30)
     assert tier.write(KEY, 0, block(0)) and tier.write(KEY, 1, block(1))
     again = DiskTier(tmp_path / "c", 1 << 30)
     assert again.contains(KEY, 1)
-    assert again.read(KEY, 0, BLOCK) == block(0)
-    assert again.read(KEY, 1, BLOCK) == block(1)
+    assert load(again, pool, KEY, 0) == block(0)
+    assert load(again, pool, KEY, 1) == block(1)
     assert again.validation_failures == 0
 
 
-def test_other_identity_is_a_miss(tmp_path: Path) -> None:
+def test_other_identity_is_a_miss(tmp_path: Path, pool: BlockPool) -> None:
     tier = DiskTier(tmp_path / "c", 1 << 30)
     tier.write(KEY, 0, block(0))
     changed = (KEY[0], KEY[1], KEY[2] + 1, KEY[3])
-    assert tier.read(changed, 0, BLOCK) is None
-    assert tier.read(KEY, 0, BLOCK + 1) is None, "a wrong length must not pass"
+    assert load(tier, pool, changed, 0) is None
+    assert load(tier, pool, KEY, 0, BLOCK + 1) is None, "a wrong length must not pass"
 
 
-def test_corrupt_or_truncated_blocks_are_misses_and_removed(tmp_path: Path) -> None:
+def test_corrupt_or_truncated_blocks_are_misses_and_removed(tmp_path: Path, pool: BlockPool
+                                                            ) -> None:
     tier = DiskTier(tmp_path / "c", 1 << 30)
     for i in range(4):
         tier.write(KEY, i, block(i))
@@ -51,7 +59,7 @@ def test_corrupt_or_truncated_blocks_are_misses_and_removed(tmp_path: Path) -> N
         f.write(bytes([byte[0] ^ 1]))
     os.truncate(files[1], HEADER.size + BLOCK // 2)
     os.truncate(files[2], 10)
-    results = [tier.read(KEY, i, BLOCK) for i in range(4)]
+    results = [load(tier, pool, KEY, i) for i in range(4)]
     assert results[:3] == [None, None, None]
     assert results[3] == block(3)
     assert tier.validation_failures == 3

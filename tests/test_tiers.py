@@ -17,9 +17,10 @@ from tests.test_core import open_file, read_all
 SIZE = 20 * MiB + 99
 
 
-async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path) -> None:
+async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path, implementation: str
+                                                         ) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
-    async with make_core(tmp_path, 4 * MiB, disk) as core:
+    async with make_core(tmp_path, 4 * MiB, disk, implementation) as core:
         write_ramp(tmp_path / "src" / "f", SIZE)
         fh = await open_file(core, b"f")
         assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
@@ -33,11 +34,11 @@ async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path) -> None
         assert stats.served_disk > SIZE // 2
 
 
-async def test_corrupted_disk_block_is_refetched(tmp_path: Path) -> None:
+async def test_corrupted_disk_block_is_refetched(tmp_path: Path, implementation: str) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
     (tmp_path / "src").mkdir()
     write_ramp(tmp_path / "src" / "f", 4 * MiB)
-    async with make_core(tmp_path, 1 * MiB, disk) as core:
+    async with make_core(tmp_path, 1 * MiB, disk, implementation) as core:
         fh = await open_file(core, b"f")
         await read_all(core, fh, 4 * MiB)
         await core.cache.wait_idle()
@@ -46,7 +47,7 @@ async def test_corrupted_disk_block_is_refetched(tmp_path: Path) -> None:
         os.pwrite(fd, b"\xff", os.fstat(fd).st_size - 1)
         os.close(fd)
     disk = DiskTier(tmp_path / "cache", 1 << 30)
-    async with make_core(tmp_path, 1 * MiB, disk) as core:
+    async with make_core(tmp_path, 1 * MiB, disk, implementation) as core:
         fh = await open_file(core, b"f")
         assert await read_all(core, fh, 4 * MiB) == ramp(0, 4 * MiB)
         assert disk.validation_failures >= 1
