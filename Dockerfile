@@ -5,5 +5,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends fuse3 libfuse3-
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/fusecache
 COPY . .
-RUN pip install --no-cache-dir .
+# The C block copy must be built and used: without it the image would run the
+# slower pure-Python twin without anyone noticing.
+ENV FUSECACHE_REQUIRE_NATIVE=1
+RUN pip install --no-cache-dir . && fusecache --version | grep -q "native C"
 ENTRYPOINT ["fusecache"]

@@ -10,9 +10,11 @@ demo:
 	.venv/bin/fusecache bench
 
 # The test suite, including real FUSE mounts (needs root or /dev/fuse access).
+# FUSECACHE_REQUIRE_NATIVE: a C module that failed to build fails the run
+# instead of hiding behind the pure-Python twin.
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q -p no:cacheprovider tests
+	FUSECACHE_REQUIRE_NATIVE=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests
 
 lint: setup
 	.venv/bin/ruff check .

@@ -42,8 +42,8 @@ def _progress(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def fusecache_mount(source: Path, extra: list[str], cache_dir: Path | None = None
-                    ) -> Iterator[Path]:
+def fusecache_mount(source: Path, extra: list[str], cache_dir: Path | None = None,
+                    env: dict[str, str] | None = None) -> Iterator[Path]:
     """Mount fusecache over *source* at a temporary mountpoint; always unmount.
 
     Without *cache_dir* the disk cache is fresh: a cold first switch must not
@@ -55,7 +55,8 @@ def fusecache_mount(source: Path, extra: list[str], cache_dir: Path | None = Non
         cmd = [sys.executable, "-m", "fusecache", "mount", str(source), str(mnt),
                "--log-file", str(Path(tmp) / "fusecache.log"),
                "--cache-dir", str(cache_dir or Path(tmp) / "cache"), *extra]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                             env={**os.environ, **(env or {})})
         if res.returncode != 0:
             raise RuntimeError(f"fusecache mount failed: {res.stderr.strip()}")
         try:

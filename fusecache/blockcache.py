@@ -6,6 +6,7 @@ The concurrency protocol is written down in docs/design.md.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -67,12 +68,14 @@ class _Flight:
 class BlockCache:
     """Blocks of lower files, fetched once however many readers want them."""
 
-    # Blocks waiting to be written to disk; when the disk falls behind, further
-    # blocks are not written rather than slowing the reader. Queued blocks are
-    # mostly the ones the memory tier holds anyway; at worst this is 256 MiB more.
+    # Blocks wait for the disk writers as keys: the writer takes the bytes from
+    # the memory tier when it gets there, so a disk slower than the reader costs
+    # no memory and loses only blocks evicted before their turn. Blocks the
+    # memory tier did not admit (the scan rule) wait with their bytes, at most
+    # this many; beyond that they are not written rather than slowing the reader.
+    DISK_HELD = 256
     # One writer fell behind a 240 MB/s reader (117 of 400 blocks dropped); four
-    # writers keep up.
-    DISK_QUEUE = 256
+    # keep up.
     DISK_WRITERS = 4
 
     def __init__(
@@ -100,8 +103,9 @@ class BlockCache:
         # Disk reads only: writers are bounded by their own count and must never
         # take the threads a reader waiting on a disk block needs.
         self._disk_read_limiter = trio.CapacityLimiter(4)
-        send, receive = trio.open_memory_channel[tuple[BlockKey, Block]](self.DISK_QUEUE)
+        send, receive = trio.open_memory_channel[tuple[BlockKey, Block | None]](math.inf)
         self._disk_queue = send
+        self._disk_held = 0
         if disk is not None:
             for _ in range(self.DISK_WRITERS):
                 nursery.start_soon(self._write_to_disk, receive)
@@ -243,10 +247,17 @@ class BlockCache:
         f.unpin()
 
     async def _write_to_disk(
-        self, receive: trio.MemoryReceiveChannel[tuple[BlockKey, Block]]
+        self, receive: trio.MemoryReceiveChannel[tuple[BlockKey, Block | None]]
     ) -> None:
         assert self._disk is not None
-        async for (file_key, idx), block in receive:
+        async for key, held in receive:
+            if held is not None:
+                self._disk_held -= 1
+            block = held if held is not None else self._memory.peek(key)
+            if block is None:  # evicted from memory before its turn
+                self._disk_writes_dropped += 1
+                continue
+            file_key, idx = key
             try:
                 await trio.to_thread.run_sync(self._disk.write, file_key, idx, block)
             except Exception:
@@ -282,9 +293,12 @@ class BlockCache:
             f.unpin()
         if self._disk is not None and error is None:
             for key, block in zip(keys, blocks, strict=True):
-                try:
+                if key in self._memory:
+                    self._disk_queue.send_nowait((key, None))
+                elif self._disk_held < self.DISK_HELD:
+                    self._disk_held += 1
                     self._disk_queue.send_nowait((key, block))
-                except trio.WouldBlock:
+                else:
                     self._disk_writes_dropped += 1
 
     def _release(self, keys: list[BlockKey], flights: list[_Flight],

@@ -13,6 +13,7 @@ container set it, so a broken build cannot hide behind the fallback).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -80,25 +81,28 @@ class PyBlockPool:
         return {"slot_size": self.slot_size, "mapped_bytes": 0, "live_bytes": 0, "reused": 0}
 
 
-def _choose() -> tuple[type, str]:
+class NativeMissing(RuntimeError):
+    """FUSECACHE_REQUIRE_NATIVE=1 and the C module is not built."""
+
+
+@functools.cache
+def selected() -> tuple[type, str]:
+    """The pool class in use and a description of it; logs a fallback once."""
     if os.environ.get("FUSECACHE_NATIVE") == "0":
-        return PyBlockPool, "python (FUSECACHE_NATIVE=0)"
+        return PyBlockPool, "pure Python (FUSECACHE_NATIVE=0)"
     try:
         from fusecache._native import BlockPool as NativeBlockPool
     except ImportError as exc:
         if os.environ.get("FUSECACHE_REQUIRE_NATIVE") == "1":
-            raise ImportError(f"FUSECACHE_REQUIRE_NATIVE=1 but the C module is missing ({exc}); "
-                              f"reinstall with a C compiler: pip install .") from exc
-        log.warning("the C module fusecache._native is not built (%s); using the slower "
-                    "pure-Python block copy", exc)
-        return PyBlockPool, "python (C module not built)"
-    return NativeBlockPool, "native"
-
-
-POOL_CLASS, IMPLEMENTATION = _choose()
+            raise NativeMissing(f"FUSECACHE_REQUIRE_NATIVE=1 but the C module is not built "
+                                f"({exc}); reinstall where gcc is present: pip install .") from None
+        log.warning("the C module fusecache._native is not built (%s); falling back to the "
+                    "slower pure-Python block copy", exc)
+        return PyBlockPool, "pure Python (C module not built)"
+    return NativeBlockPool, "native C"
 
 
 def new_pool(slot_size: int) -> BlockPool:
-    """A block pool of the implementation in use (see IMPLEMENTATION)."""
-    pool: BlockPool = POOL_CLASS(slot_size)
+    """A block pool of the implementation in use (see `selected`)."""
+    pool: BlockPool = selected()[0](slot_size)
     return pool

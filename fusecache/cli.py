@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from fusecache import __version__
+from fusecache import __version__, blockio
 from fusecache.config import (
     CacheConfig,
     KernelConfig,
@@ -43,6 +43,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+class _Version(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
+        try:
+            impl = blockio.selected()[1]
+        except blockio.NativeMissing as exc:
+            impl = f"unusable: {exc}"
+        print(f"fusecache {__version__} (block copy: {impl})")
+        parser.exit(0)
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -56,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="A read-only caching layer over a slow FUSE mount such as ossfs: "
         "large parallel read-ahead, a memory block cache, and kernel page-cache reuse.",
     )
-    parser.add_argument("--version", action="version", version=f"fusecache {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the version and which block copy (C or Python) is in use")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser(
@@ -170,6 +181,10 @@ def _mount(args: argparse.Namespace) -> int:
     if args.disk_cache and (cache_dir == args.mountpoint.resolve()
                             or args.mountpoint.resolve() in cache_dir.parents):
         raise UsageError("the cache dir must not be inside the mountpoint")
+    try:
+        blockio.selected()  # before forking: a missing C module is the user's one-line error
+    except blockio.NativeMissing as exc:
+        raise UsageError(str(exc)) from None
     mem = args.mem_cache if args.mem_cache is not None else memory_limit() // 4
     config = MountConfig(
         source=args.source.resolve(),

@@ -45,6 +45,10 @@ class ScanResistantLRU(Generic[V]):
             self._data.move_to_end(key)
         return value
 
+    def peek(self, key: BlockKey) -> V | None:
+        """The block, or None; its place in the LRU order does not change."""
+        return self._data.get(key)
+
     def put(self, key: BlockKey, value: V) -> bool:
         """Admit a block; return False if the scan rule or its size kept it out."""
         size = len(value)
