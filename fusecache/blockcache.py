@@ -90,7 +90,11 @@ class BlockCache:
         self._source = source
         self._pool = pool or new_pool(config.block_size)
         self._nursery = nursery
-        self._memory: ScanResistantLRU[Block] = ScanResistantLRU(config.mem_bytes)
+        # Read-ahead holds at most a quarter of the cache (see FilesystemCore), so a
+        # quarter more keeps every block the scan rule turns away until its reader
+        # comes; the tier may then hold up to 1.25x its capacity.
+        self._memory: ScanResistantLRU[Block] = ScanResistantLRU(
+            config.mem_bytes, passing=config.mem_bytes // 4)
         self._inflight: dict[BlockKey, _Flight] = {}
         self._served_memory = 0
         self._served_lower = 0
@@ -119,7 +123,7 @@ class BlockCache:
             lower_bytes=self._lower_bytes,
             lower_errors=self._lower_errors,
             evictions=self._memory.evictions,
-            memory_used=self._memory.used,
+            memory_used=self._memory.used + self._memory.passing_used,
             memory_capacity=self._memory.capacity,
             memory_mapped=self._pool.statistics()["mapped_bytes"],
             disk_used=self._disk.used if self._disk else 0,
@@ -171,6 +175,43 @@ class BlockCache:
         else:
             self._served_lower += len(flight.data)
         return flight.data
+
+    async def block(self, f: CachedFile, idx: int) -> Block:
+        """Block *idx* of *f*, from memory, disk or the lower mount."""
+        return await self._block(f, idx)
+
+    async def fill(self, f: CachedFile, parallel: int) -> None:
+        """Fetch every block of *f* that is neither cached nor coming, in file order.
+
+        At most *parallel* fetches are registered at a time, so a reader that
+        wants a block the fill has not reached fetches it on its own (demand)
+        path instead of queueing behind the fill. Stops at the first error.
+        The caller pins *f* for the fill, which releases the pin when it ends.
+        """
+        nblocks = -(-f.size // self.block_size)
+        window = trio.Semaphore(parallel)
+        failed = False
+
+        async def settle(flight: _Flight) -> None:
+            nonlocal failed
+            await flight.done.wait()
+            failed = failed or flight.error is not None
+            window.release()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                idx = 0
+                while idx < nblocks and not failed:
+                    await window.acquire()
+                    started = self.start_fetch(f, idx, self.fetch_blocks, readahead=True)
+                    if started == 0:  # cached or on its way already
+                        window.release()
+                        idx += 1
+                        continue
+                    nursery.start_soon(settle, self._inflight[(f.key, idx)])
+                    idx += started
+        finally:
+            f.unpin()
 
     async def wait_idle(self) -> None:
         """Return once no fetch is in flight."""
@@ -293,7 +334,7 @@ class BlockCache:
             f.unpin()
         if self._disk is not None and error is None:
             for key, block in zip(keys, blocks, strict=True):
-                if key in self._memory:
+                if self._memory.admitted(key):  # the writer takes it from memory
                     self._disk_queue.send_nowait((key, None))
                 elif self._disk_held < self.DISK_HELD:
                     self._disk_held += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -16,8 +17,8 @@ import trio
 
 from fusecache.blockcache import BlockCache
 from fusecache.blockio import Block
-from fusecache.errors import FsError
-from fusecache.readahead import ReadaheadConfig, SequentialStream
+from fusecache.errors import FsError, LowerError
+from fusecache.readahead import FileInterest, ReadaheadConfig, SequentialStream
 from fusecache.source import Identity, LowerSource
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 ROOT_INODE = 1  # the FUSE protocol's fixed root inode
 # `getfattr -n user.fusecache.stats MOUNTPOINT` prints the daemon's counters as JSON.
 STATS_XATTR = b"user.fusecache.stats"
+# The hex sha256 of a file, on the file, once a whole-file fetch has streamed it;
+# a tool that asks for it can skip its own hash pass.
+SHA256_XATTR = b"user.fusecache.sha256"
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class FilesystemCore:
         self._next_ino = count(ROOT_INODE + 1)
         self._version: dict[int, tuple[int, int]] = {}  # ino -> (size, mtime_ns) last seen
         self._open_files: dict[int, LowerFile] = {}  # ino -> newest open version
+        self._interest: dict[Hashable, FileInterest] = {}  # by file version
+        self._sha256: dict[Hashable, str] = {}  # by file version
         self._handles: dict[int, Handle] = {}
         self._dir_listings: dict[int, list[tuple[bytes, Attr]]] = {}
         self._next_fh = count(1)
@@ -218,10 +224,28 @@ class FilesystemCore:
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT_INODE and name == STATS_XATTR:
             return json.dumps(self.statistics()).encode()
+        if name == SHA256_XATTR:
+            digest = await self._known_sha256(ino)
+            if digest is None:
+                raise FsError(errno.ENODATA)
+            return digest.encode()
         return await self.source.getxattr(self.path_of(ino), name)
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        return await self.source.listxattr(self.path_of(ino))
+        names = await self.source.listxattr(self.path_of(ino))
+        if await self._known_sha256(ino) is not None:
+            names.append(SHA256_XATTR)
+        return names
+
+    async def _known_sha256(self, ino: int) -> str | None:
+        """The file's sha256 if it was computed for the version the lower mount has now."""
+        lower = self._open_files.get(ino)
+        if lower is None or lower.key not in self._sha256:
+            return None
+        st = await self.source.lstat(self.path_of(ino))
+        if (st.st_size, st.st_mtime_ns) != (lower.ident.size, lower.ident.mtime_ns):
+            return None
+        return self._sha256[lower.key]
 
     # --- files ------------------------------------------------------------
 
@@ -242,6 +266,8 @@ class FilesystemCore:
         if changed:
             assert current is not None
             self.cache.forget_file(current.key)
+            self._interest.pop(current.key, None)
+            self._sha256.pop(current.key, None)
         if current is not None and not current.closed and not changed:
             current.pin()
             self._nursery.start_soon(self.source.close, fd)
@@ -263,7 +289,46 @@ class FilesystemCore:
         ahead = handle.stream.on_read(offset, size)
         if ahead is not None:
             self.cache.prefetch(handle.file, *ahead)
-        return await self.cache.read(handle.file, offset, size)
+        f = handle.file
+        interest = self._interest.get(f.key)
+        if interest is None:
+            interest = self._interest[f.key] = FileInterest(self.readahead)
+        if interest.on_read(offset, size):
+            self._fetch_whole(f)
+        return await self.cache.read(f, offset, size)
+
+    def _fetch_whole(self, f: LowerFile) -> None:
+        """The read-once rule: fetch the rest of a wanted file now, and hash it on the way.
+
+        Only files that fit in half the memory cache: a bigger one would evict
+        its own head (or other files) before the next pass reads it.
+        """
+        if f.size > self.cache.capacity // 2:
+            log.debug("%s: too big to fetch whole (%d bytes)", f.display, f.size)
+            return
+        log.debug("%s: fetching the whole file", f.display)
+        f.pin()  # one pin each for the fill and the hash; they release them
+        f.pin()
+        self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel)
+        self._nursery.start_soon(self._hash, f)
+
+    async def _hash(self, f: LowerFile) -> None:
+        """sha256 of *f* from its cached blocks, in file order, for SHA256_XATTR.
+
+        Releases the pin the caller took for it.
+        """
+        h = hashlib.sha256()
+        try:
+            for idx in range(-(-f.size // self.cache.block_size)):
+                block = await self.cache.block(f, idx)
+                await trio.to_thread.run_sync(h.update, block)
+        except LowerError as exc:
+            log.warning("%s: no sha256: %s", f.display, exc)
+            return
+        finally:
+            f.unpin()
+        self._sha256[f.key] = h.hexdigest()
+        log.info("%s: sha256 %s", f.display, self._sha256[f.key])
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

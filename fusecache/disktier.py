@@ -60,6 +60,8 @@ class DiskTier:
         self._lock = threading.Lock()
         self._index: ScanResistantLRU[_Size] = ScanResistantLRU(max_bytes, self._evicted)
         self._digests: dict[Hashable, bytes] = {}
+        # Indexed (their space is reserved) but not yet renamed into place.
+        self._pending: set[BlockKey] = set()
         self.validation_failures = 0
         self._load_index(max_bytes)
 
@@ -119,8 +121,9 @@ class DiskTier:
         self._path(digest, key[1]).unlink(missing_ok=True)
 
     def contains(self, file_key: Hashable, idx: int) -> bool:
+        key = (self._digest(file_key), idx)
         with self._lock:
-            return (self._digest(file_key), idx) in self._index
+            return key in self._index and key not in self._pending
 
     def read(self, file_key: Hashable, idx: int, length: int, pool: BlockPool
              ) -> Block | None:
@@ -131,7 +134,7 @@ class DiskTier:
         digest = self._digest(file_key)
         key = (digest, idx)
         with self._lock:
-            if self._index.get(key) is None:
+            if key in self._pending or self._index.get(key) is None:
                 return None
         path = self._path(digest, idx)
         data, why = self._load(path, digest, idx, length, pool)
@@ -182,6 +185,7 @@ class DiskTier:
                 return True
             if not self._index.put(key, _Size(len(data))):
                 return False
+            self._pending.add(key)
         path = self._path(digest, idx)
         tmp = path.with_name(path.name + TMP_SUFFIX)
         try:
@@ -198,10 +202,17 @@ class DiskTier:
         except OSError as exc:
             log.warning("cannot write disk cache block %s: %s", path, exc)
             with self._lock:
+                self._pending.discard(key)
                 self._index.discard(key)
             tmp.unlink(missing_ok=True)
             return False
-        return True
+        with self._lock:
+            self._pending.discard(key)
+            if key in self._index:
+                return True
+        # Evicted or discarded while it was being written: its file must go too.
+        path.unlink(missing_ok=True)
+        return False
 
     def discard_file(self, file_key: Hashable) -> None:
         """Delete every block of one source identity (its content changed)."""

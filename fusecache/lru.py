@@ -21,21 +21,33 @@ class ScanResistantLRU(Generic[V]):
     lies before it, the incoming block is not admitted instead: the cache keeps the
     part of the file the next pass reads first. cachetools' LRUCache does not let us
     look at the eviction victim before evicting, which is why this is our own.
+
+    A block kept out that way is still on its way to a reader (read-ahead fetched
+    it), so it waits in a small FIFO, *passing*, until newer ones push it out;
+    without it, read-ahead past the cache's size would be fetched twice.
     """
 
     def __init__(
-        self, capacity: int, on_evict: Callable[[BlockKey, V], None] | None = None
+        self, capacity: int, on_evict: Callable[[BlockKey, V], None] | None = None,
+        passing: int = 0,
     ) -> None:
         self.capacity = capacity
         self._on_evict = on_evict
         self.used = 0
         self.evictions = 0
         self._data: OrderedDict[BlockKey, V] = OrderedDict()
+        self.passing_capacity = passing
+        self.passing_used = 0
+        self._passing: OrderedDict[BlockKey, V] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
 
     def __contains__(self, key: object) -> bool:
+        return key in self._data or key in self._passing
+
+    def admitted(self, key: BlockKey) -> bool:
+        """Whether the block is in the LRU proper (not only passing through)."""
         return key in self._data
 
     def get(self, key: BlockKey) -> V | None:
@@ -43,23 +55,28 @@ class ScanResistantLRU(Generic[V]):
         value = self._data.get(key)
         if value is not None:
             self._data.move_to_end(key)
-        return value
+            return value
+        return self._passing.get(key)
 
     def peek(self, key: BlockKey) -> V | None:
         """The block, or None; its place in the LRU order does not change."""
-        return self._data.get(key)
+        value = self._data.get(key)
+        return value if value is not None else self._passing.get(key)
 
     def put(self, key: BlockKey, value: V) -> bool:
-        """Admit a block; return False if the scan rule or its size kept it out."""
+        """Admit a block; return False if the scan rule or its size kept it out.
+
+        A block the scan rule keeps out still goes to *passing* if that has room,
+        but counts as kept out: it may leave at any moment.
+        """
         size = len(value)
         if size > self.capacity:
             return False
-        old = self._data.pop(key, None)
-        if old is not None:
-            self.used -= len(old)
+        self.discard(key)
         while self.used + size > self.capacity:
             victim_key = next(iter(self._data))
             if victim_key[0] == key[0] and victim_key[1] < key[1]:
+                self._pass(key, value)
                 return False
             victim = self._data.pop(victim_key)
             self.used -= len(victim)
@@ -70,16 +87,31 @@ class ScanResistantLRU(Generic[V]):
         self.used += size
         return True
 
+    def _pass(self, key: BlockKey, value: V) -> None:
+        size = len(value)
+        if size > self.passing_capacity:
+            return
+        self.discard(key)
+        while self.passing_used + size > self.passing_capacity:
+            _, old = self._passing.popitem(last=False)
+            self.passing_used -= len(old)
+        self._passing[key] = value
+        self.passing_used += size
+
     def discard(self, key: BlockKey) -> V | None:
         """Drop one block; return it, or None if it was not there."""
         value = self._data.pop(key, None)
         if value is not None:
             self.used -= len(value)
+            return value
+        value = self._passing.pop(key, None)
+        if value is not None:
+            self.passing_used -= len(value)
         return value
 
     def discard_file(self, file_key: Hashable) -> list[BlockKey]:
         """Drop every block of one file; return their keys."""
-        doomed = [k for k in self._data if k[0] == file_key]
+        doomed = [k for k in (*self._data, *self._passing) if k[0] == file_key]
         for k in doomed:
             self.discard(k)
         return doomed

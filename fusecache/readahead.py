@@ -1,4 +1,8 @@
-"""Read-ahead policy: one SequentialStream per open handle decides what to fetch early."""
+"""Read-ahead policy: what to fetch before it is asked for.
+
+A SequentialStream per open handle follows one reader; a FileInterest per file
+(across handles and opens) decides when the whole file is wanted.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,14 @@ class ReadaheadConfig:
     # The kernel's own read-ahead (4 MiB) sends several requests at once, and they
     # arrive out of order; a jump within this distance is still the same stream.
     slack: int = 8 * MiB
+    # A file read in order from its start up to here is wanted whole: a web UI's
+    # hash pass, then its load. 16 MiB is a few hundred milliseconds of a hash
+    # pass, and more than any header a loader reads before the tensors.
+    whole_file_after: int = 16 * MiB
+    # Or: its head was read, then this many reads landed elsewhere in it (a
+    # safetensors header, then tensors faulted in through mmap). Eight scattered
+    # reads is a loader at work, not a tool peeking at a header.
+    whole_file_scattered_reads: int = 8
 
 
 class SequentialStream:
@@ -64,3 +76,28 @@ class SequentialStream:
             return None
         self.fetched_until = stop
         return start, stop
+
+
+class FileInterest:
+    """Decides, across every handle on one file, when the whole file is wanted."""
+
+    def __init__(self, config: ReadaheadConfig) -> None:
+        self.config = config
+        self.contiguous = 0  # bytes [0, contiguous) have been read, give or take slack
+        self.scattered = 0  # reads beyond that, after the head was read
+        self.triggered = False
+
+    def on_read(self, offset: int, size: int) -> bool:
+        """Record a read; True exactly once, when the rest of the file should be fetched."""
+        if self.triggered:
+            return False
+        if self.contiguous == 0 and offset != 0:
+            pass  # the head is read first, by a hash pass or a loader; a random reader may not
+        elif offset <= self.contiguous + self.config.slack:
+            self.contiguous = max(self.contiguous, offset + size)
+        else:
+            self.scattered += 1
+        if (self.contiguous >= self.config.whole_file_after
+                or self.scattered >= self.config.whole_file_scattered_reads):
+            self.triggered = True
+        return self.triggered

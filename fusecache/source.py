@@ -48,6 +48,7 @@ class LowerSource:
         self._demand = trio.CapacityLimiter(config.demand_threads)
         self._metadata = trio.CapacityLimiter(config.metadata_threads)
         self._readahead = trio.CapacityLimiter(config.readahead_threads)
+        self.readahead_parallel = config.readahead_threads
         self.read_timeout = config.read_timeout
 
     def full(self, path: bytes) -> bytes:

@@ -52,3 +52,35 @@ def test_discard_file() -> None:
     lru.put(("b", 0), b"xx")
     assert lru.discard_file("a") == [("a", 0), ("a", 1)]
     assert lru.used == 2 and len(lru) == 1
+
+
+def test_blocks_the_scan_rule_keeps_out_wait_in_passing_until_pushed_out() -> None:
+    lru: ScanResistantLRU[bytes] = ScanResistantLRU(3, passing=2)
+    for i in range(3):
+        lru.put(("f", i), b"x")
+    assert not lru.put(("f", 3), b"x")  # read-ahead past the cache: kept out of the LRU,
+    assert not lru.put(("f", 4), b"x")  # but passing holds it
+    assert lru.get(("f", 3)) == b"x", "the reader coming behind read-ahead finds it"
+    lru.put(("f", 5), b"x")  # FIFO: the oldest passing block goes
+    assert ("f", 3) not in lru and ("f", 4) in lru and ("f", 5) in lru
+    assert [i for i in range(3) if ("f", i) in lru] == [0, 1, 2], "the head stays"
+    assert lru.used == 3 and lru.passing_used == 2
+    assert sorted(lru.discard_file("f")) == [("f", i) for i in (0, 1, 2, 4, 5)]
+    assert lru.used == lru.passing_used == 0
+
+
+def test_without_passing_room_the_scan_rule_refuses() -> None:
+    lru: ScanResistantLRU[bytes] = ScanResistantLRU(2)
+    lru.put(("f", 0), b"x")
+    lru.put(("f", 1), b"x")
+    assert not lru.put(("f", 2), b"x") and ("f", 2) not in lru
+
+
+def test_a_passing_block_put_again_is_not_counted_twice() -> None:
+    lru: ScanResistantLRU[bytes] = ScanResistantLRU(2, passing=2)
+    lru.put(("f", 0), b"x")
+    lru.put(("f", 1), b"x")
+    lru.put(("f", 2), b"x")  # passing
+    lru.discard(("f", 0))
+    assert lru.put(("f", 2), b"x")  # now there is room in the LRU itself
+    assert lru.used == 2 and lru.passing_used == 0

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusecache.config import MiB
-from fusecache.readahead import ReadaheadConfig, SequentialStream
+from fusecache.readahead import FileInterest, ReadaheadConfig, SequentialStream
 
 CFG = ReadaheadConfig(initial_window=2 * MiB, max_window=16 * MiB, slack=4 * MiB)
 
@@ -66,3 +66,48 @@ def test_any_read_sequence_keeps_invariants(reads: list[tuple[int, int]]) -> Non
             start, stop = r
             assert start < stop
             assert stop - (off + size) <= CFG.max_window + CFG.slack
+
+
+# --- FileInterest: when is the whole file wanted? ---
+
+WHOLE = ReadaheadConfig(slack=4 * MiB, whole_file_after=16 * MiB, whole_file_scattered_reads=3)
+
+
+def test_sequential_pass_from_start_wants_the_whole_file() -> None:
+    interest = FileInterest(WHOLE)
+    fired = [interest.on_read(i * MiB, MiB) for i in range(20)]
+    assert fired.index(True) == 15, "fires when [0, 16 MiB) has been read"
+    assert fired.count(True) == 1, "fires once"
+
+
+def test_header_then_scattered_reads_want_the_whole_file() -> None:
+    interest = FileInterest(WHOLE)
+    assert not interest.on_read(0, 8)  # safetensors: the header length
+    assert not interest.on_read(8, 40_000)  # the JSON header
+    assert [interest.on_read(off * MiB, 4096) for off in (90, 40, 70)] == [False, False, True]
+
+
+def test_scattered_reads_without_the_head_are_not_a_loader() -> None:
+    interest = FileInterest(WHOLE)
+    assert not any(interest.on_read(off * MiB, 4096) for off in (90, 40, 70, 55, 33, 81))
+
+
+def test_random_reads_near_the_head_are_not_a_head_read() -> None:
+    interest = FileInterest(WHOLE)
+    reads = [(MiB + 4096, 4096), (90 * MiB, 4096), (40 * MiB, 4096), (70 * MiB, 4096)]
+    assert not any(interest.on_read(off, n) for off, n in reads)
+
+
+def test_a_header_peek_alone_is_not_enough() -> None:
+    interest = FileInterest(WHOLE)
+    assert not interest.on_read(0, 8) and not interest.on_read(8, 40_000)
+
+
+@given(st.lists(st.tuples(st.integers(0, 64 * MiB), st.integers(1, 2 * MiB)), max_size=60))
+def test_interest_fires_at_most_once_and_only_for_cause(reads: list[tuple[int, int]]) -> None:
+    interest = FileInterest(WHOLE)
+    fired = [interest.on_read(off, n) for off, n in reads]
+    assert fired.count(True) <= 1
+    if True in fired:
+        seen = reads[: fired.index(True) + 1]
+        assert any(off == 0 for off, _ in seen), "never without a read of the head"

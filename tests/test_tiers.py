@@ -25,8 +25,10 @@ async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path, impleme
         fh = await open_file(core, b"f")
         assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
         await core.cache.wait_idle()
-        while disk.used < SIZE:  # noqa: ASYNC110 - the writer thread runs behind the reader
-            await trio.sleep(0.01)
+        with trio.fail_after(20):
+            while disk.used < SIZE:  # noqa: ASYNC110 - the writer thread runs behind the reader
+                await trio.sleep(0.01)
+        assert core.cache.statistics().disk_writes_dropped == 0
         lower = core.cache.statistics().lower_bytes
         assert bytes(await read_all(core, fh, SIZE, chunk=3 * MiB + 5)) == ramp(0, SIZE)
         stats = core.cache.statistics()

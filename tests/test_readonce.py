@@ -1,0 +1,193 @@
+"""The read-once rule: a wanted file is fetched whole, once, hashed on the way; scan resistance."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fusecache.config import MiB
+from fusecache.core import SHA256_XATTR, FilesystemCore
+from fusecache.errors import FsError
+from tests.conftest import Mount, needs_fuse
+from tests.ramp import ramp, write_ramp
+from tests.test_core import open_file, src_of
+from tests.test_mount import drop_kernel_cache
+
+SIZE = 24 * MiB + 4321  # under half the core fixture's 64 MiB memory cache
+
+
+async def _wait_for_sha(core: FilesystemCore, ino: int) -> bytes:
+    with trio.fail_after(20):
+        while True:
+            try:
+                return await core.getxattr(ino, SHA256_XATTR)
+            except FsError as exc:
+                assert exc.errno == errno.ENODATA
+                await trio.sleep(0.01)
+
+
+async def test_sequential_head_fetches_the_rest_and_hashes_it(core: FilesystemCore) -> None:
+    write_ramp(src_of(core) + "/m", SIZE)
+    fh = await open_file(core, b"m")
+    ino = (await core.lookup(1, b"m")).ino
+    with pytest.raises(FsError):  # not known before the file was streamed
+        await core.getxattr(ino, SHA256_XATTR)
+    for off in range(0, 17 * MiB, MiB):  # a hash pass, stopped early
+        await core.read(fh, off, MiB)
+    core.release(fh)  # every handle closed: the fill goes on
+    digest = await _wait_for_sha(core, ino)
+    assert digest.decode() == hashlib.sha256(ramp(0, SIZE)).hexdigest()
+    assert SHA256_XATTR in await core.listxattr(ino)
+    await core.cache.wait_idle()
+    assert core.cache.statistics().lower_bytes == SIZE, "each byte crosses once"
+
+
+async def test_header_then_scattered_reads_fetch_the_rest(core: FilesystemCore) -> None:
+    write_ramp(src_of(core) + "/m", SIZE)
+    fh = await open_file(core, b"m")
+    await core.read(fh, 0, 8)
+    for off in random.Random(1).sample(range(MiB, SIZE - 4096, 4096), 8):
+        assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
+    await _wait_for_sha(core, (await core.lookup(1, b"m")).ino)
+    await core.cache.wait_idle()
+    assert core.cache.statistics().lower_bytes == SIZE
+
+
+async def test_files_too_big_for_memory_are_not_fetched_whole(core: FilesystemCore) -> None:
+    size = 40 * MiB  # over half the 64 MiB memory cache
+    write_ramp(src_of(core) + "/m", size)
+    fh = await open_file(core, b"m")
+    for off in range(0, 20 * MiB, MiB):
+        await core.read(fh, off, MiB)
+    await core.cache.wait_idle()
+    assert core.cache.statistics().lower_bytes < size
+
+
+async def test_changed_file_loses_its_sha256(core: FilesystemCore) -> None:
+    write_ramp(src_of(core) + "/m", SIZE)
+    fh = await open_file(core, b"m")
+    for off in range(0, 17 * MiB, MiB):
+        await core.read(fh, off, MiB)
+    ino = (await core.lookup(1, b"m")).ino
+    await _wait_for_sha(core, ino)
+    write_ramp(src_of(core) + "/m", SIZE, seed=9)
+    os.utime(src_of(core) + "/m", ns=(1, 1))
+    with pytest.raises(FsError) as info:
+        await core.getxattr(ino, SHA256_XATTR)
+    assert info.value.errno == errno.ENODATA
+
+
+# --- through the kernel ---
+
+
+def _tensor_order_mmap_load(path: Path, size: int) -> bytes:
+    """Pages in shuffled 64 KiB "tensors" through mmap, as a safetensors load does."""
+    chunk = 64 * 1024
+    out = bytearray(size)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        offsets = list(range(0, size, chunk))
+        random.Random(7).shuffle(offsets)
+        for off in offsets:
+            out[off : off + chunk] = m[off : off + chunk]
+    return bytes(out)
+
+
+@needs_fuse
+def test_hash_then_load_reads_each_block_from_below_once(tmp_path: Path, mount_factory) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 40 * MiB + 5
+    write_ramp(src / "model.safetensors", size, seed=3)
+    want = ramp(0, size, seed=3)
+    m: Mount = mount_factory(src, "--mem-cache", "128M", "--disk-cache", "0")
+    path = m.mnt / "model.safetensors"
+    with open(path, "rb") as f:  # the web UI's hash pass
+        assert hashlib.file_digest(f, "sha256").hexdigest() == hashlib.sha256(want).hexdigest()
+    drop_kernel_cache(path)  # the load must not be served by the kernel's pages alone
+    assert _tensor_order_mmap_load(path, size) == want
+    deadline = time.monotonic() + 20
+    while True:  # the daemon hashes behind the fill
+        try:
+            digest = os.getxattr(path, SHA256_XATTR).decode()
+            break
+        except OSError as exc:
+            assert exc.errno == errno.ENODATA and time.monotonic() < deadline
+            time.sleep(0.05)
+    assert digest == hashlib.sha256(want).hexdigest()
+    stats = m.stats()
+    assert stats["lower_bytes"] == size, "hash then load: every block crosses once"
+
+
+@needs_fuse
+def test_second_pass_over_a_file_bigger_than_the_cache_hits(tmp_path: Path, mount_factory
+                                                            ) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 48 * MiB  # 1.5x the memory cache
+    write_ramp(src / "big", size, seed=4)
+    m: Mount = mount_factory(src, "--mem-cache", "32M", "--disk-cache", "0")
+    path = m.mnt / "big"
+    for _ in range(2):
+        drop_kernel_cache(path)
+        with open(path, "rb") as f:
+            assert hashlib.file_digest(f, "sha256").digest() == hashlib.sha256(
+                ramp(0, size, seed=4)).digest()
+        if _ == 0:
+            first = m.stats()["lower_bytes"]
+    second = m.stats()["lower_bytes"] - first
+    assert second <= size // 2, f"the second pass fetched {second / size:.2f}x the file again"
+
+
+@pytest.fixture(scope="module")
+def reference_mount(tmp_path_factory: pytest.TempPathFactory):
+    """One small-cache mount for the reference test (hypothesis runs many examples)."""
+    from tests.conftest import force_unmount, fusecache_cmd
+
+    root = tmp_path_factory.mktemp("reference")
+    src, mnt = root / "src", root / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    write_ramp(src / "f", 13 * MiB + 77, seed=5)
+    res = fusecache_cmd("mount", str(src), str(mnt), "--mem-cache", "4M", "--disk-cache", "0",
+                        "--log-file", str(root / "log"))
+    assert res.returncode == 0, res.stderr
+    try:
+        yield src / "f", mnt / "f"
+    finally:
+        fusecache_cmd("umount", str(mnt))
+        force_unmount(mnt)
+
+
+READ = st.tuples(st.integers(0, 13 * MiB + 200), st.integers(1, 3 * MiB))
+RUN = st.tuples(st.integers(0, 13 * MiB), st.integers(1, 40), st.sampled_from([4096, 128 * 1024]))
+
+
+@needs_fuse
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.one_of(READ.map(lambda r: ("pread", r)), RUN.map(lambda r: ("run", r))),
+                    min_size=1, max_size=12))
+def test_reference_random_and_sequential_mixes(reference_mount, ops) -> None:
+    direct, mounted = reference_mount
+    drop_kernel_cache(mounted)  # make the daemon answer, not the kernel's pages
+    with open(direct, "rb") as d, open(mounted, "rb", buffering=0) as m:
+        for kind, args in ops:
+            if kind == "pread":
+                off, n = args
+                assert os.pread(m.fileno(), n, off) == os.pread(d.fileno(), n, off), args
+            else:
+                start, count, chunk = args
+                m.seek(start)
+                d.seek(start)
+                for _ in range(count):
+                    assert m.read(chunk) == d.read(chunk), args
