@@ -6,6 +6,8 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from fusecache.blockio import BlockPool
 from fusecache.disktier import HEADER, DiskTier
 from tests.ramp import ramp
@@ -104,3 +106,34 @@ def test_discard_file(tmp_path: Path) -> None:
     tier.write(KEY, 1, block(1))
     tier.discard_file(KEY)
     assert not tier.contains(KEY, 0) and block_files(tmp_path / "c") == []
+
+
+def test_a_block_being_written_is_invisible_until_whole(
+        tmp_path: Path, pool: BlockPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: readers found a block in the index before its file was in place."""
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    seen = []
+    real_rename = os.rename
+
+    def rename_after_looking(src: Path, dst: Path) -> None:
+        seen.append((tier.contains(KEY, 0), load(tier, pool, KEY, 0)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr("fusecache.disktier.os.rename", rename_after_looking)
+    assert tier.write(KEY, 0, block(0))
+    assert seen == [(False, None)] and tier.validation_failures == 0
+    assert tier.contains(KEY, 0) and load(tier, pool, KEY, 0) == block(0)
+
+
+def test_a_block_discarded_while_being_written_leaves_no_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    real_rename = os.rename
+
+    def rename_after_discard(src: Path, dst: Path) -> None:
+        tier.discard_file(KEY)  # the file changed meanwhile
+        real_rename(src, dst)
+
+    monkeypatch.setattr("fusecache.disktier.os.rename", rename_after_discard)
+    assert not tier.write(KEY, 0, block(0))
+    assert block_files(tmp_path / "c") == [] and tier.used == 0
