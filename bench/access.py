@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         size = model.stat().st_size
         with open(model, "rb") as f:
             want_sha = hashlib.file_digest(f, "sha256").hexdigest()
-        import safetensors.torch  # noqa: F401 - imported before the first timing, not in it
+        if "hash+load" in args.patterns:
+            import safetensors.torch  # noqa: F401 - imported before the first timing, not in it
         figures = []
         with running_standin(data_dir=Path(data)) as standin:
             for pattern in args.patterns:

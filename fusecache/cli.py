@@ -15,6 +15,7 @@ from fusecache.config import (
     CacheConfig,
     KernelConfig,
     MountConfig,
+    ReadaheadConfig,
     SourceConfig,
     default_cache_dir,
     format_size,
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attr-timeout", type=float, default=KernelConfig.attr_timeout,
                    metavar="SEC", help="seconds the kernel trusts names and attributes; a "
                    "changed lower file is noticed on open or after this")
+    m.add_argument("--sha256", action=argparse.BooleanOptionalAction,
+                   default=ReadaheadConfig.sha256,
+                   help="hash files fetched whole and serve the digest as the "
+                   "user.fusecache.sha256 xattr (a core-second per 2 GB)")
     m.add_argument("--allow-other", action=argparse.BooleanOptionalAction,
                    default=os.geteuid() == 0,
                    help="let other users read the mount (default: on when run as root)")
@@ -196,6 +201,7 @@ def _mount(args: argparse.Namespace) -> int:
                        congestion_threshold=args.max_background * 3 // 4,
                        attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout),
         lower=replace(SourceConfig(), readahead_threads=args.parallel),
+        readahead=replace(ReadaheadConfig(), sha256=args.sha256),
         allow_other=args.allow_other,
     )
     logging.getLogger(__name__).debug("memory cache %s", format_size(mem))

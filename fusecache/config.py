@@ -109,6 +109,34 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class ReadaheadConfig:
+    """Knobs of the read-ahead; see SequentialStream for how they combine."""
+
+    # The first window is small so a reader that only wants a header (safetensors
+    # reads 8 bytes and a JSON header first) does not pull megabytes it never uses.
+    initial_window: int = 2 * MiB
+    # The window doubles per sequential read up to this; at the stand-in's few
+    # hundred MB/s, 128 MiB keeps the lower mount busy for about half a second.
+    # It is also held under a quarter of the memory cache (see FilesystemCore.open).
+    max_window: int = 128 * MiB
+    # The kernel's own read-ahead (4 MiB) sends several requests at once, and they
+    # arrive out of order; a jump within this distance is still the same stream.
+    slack: int = 8 * MiB
+    # A file read in order from its start up to here is wanted whole: a web UI's
+    # hash pass, then its load. 16 MiB is a few hundred milliseconds of a hash
+    # pass, and more than any header a loader reads before the tensors.
+    whole_file_after: int = 16 * MiB
+    # Or: its head was read, then this many reads landed elsewhere in it (a
+    # safetensors header, then tensors faulted in through mmap). Eight scattered
+    # reads is a loader at work, not a tool peeking at a header.
+    whole_file_scattered_reads: int = 8
+    # Hash a file while it is fetched whole, for the user.fusecache.sha256 xattr.
+    # It costs a core-second per 2 GB in a worker thread: free on a GPU host's
+    # many cores, about 10% of a first switch on a 2-core box that is CPU-bound.
+    sha256: bool = True
+
+
+@dataclass(frozen=True)
 class MountConfig:
     """Everything one mount needs."""
 
@@ -117,4 +145,5 @@ class MountConfig:
     cache: CacheConfig = CacheConfig()
     lower: SourceConfig = SourceConfig()
     kernel: KernelConfig = KernelConfig()
+    readahead: ReadaheadConfig = ReadaheadConfig()
     allow_other: bool = False

@@ -17,8 +17,9 @@ import trio
 
 from fusecache.blockcache import BlockCache
 from fusecache.blockio import Block
+from fusecache.config import ReadaheadConfig
 from fusecache.errors import FsError, LowerError
-from fusecache.readahead import FileInterest, ReadaheadConfig, SequentialStream
+from fusecache.readahead import FileInterest, SequentialStream
 from fusecache.source import Identity, LowerSource
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,10 @@ class FilesystemCore:
         f.pin()  # one pin each for the fill and the hash; they release them
         f.pin()
         self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel)
-        self._nursery.start_soon(self._hash, f)
+        if self.readahead.sha256:
+            self._nursery.start_soon(self._hash, f)
+        else:
+            f.unpin()
 
     async def _hash(self, f: LowerFile) -> None:
         """sha256 of *f* from its cached blocks, in file order, for SHA256_XATTR.

@@ -57,7 +57,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
             raise MountError(f"cannot use cache dir {config.cache.cache_dir}: {exc}") from None
     async with trio.open_nursery() as nursery:
         cache = BlockCache(config.cache, source, nursery, disk)
-        core = FilesystemCore(source, cache, nursery, invalidate=pyfuse3.invalidate_inode)
+        core = FilesystemCore(source, cache, nursery, readahead=config.readahead,
+                              invalidate=pyfuse3.invalidate_inode)
         ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
         options = set(pyfuse3.default_options)
         options |= {"ro", "subtype=fusecache", f"fsname={config.source}"}

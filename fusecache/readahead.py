@@ -6,33 +6,7 @@ A SequentialStream per open handle follows one reader; a FileInterest per file
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from fusecache.config import MiB
-
-
-@dataclass(frozen=True)
-class ReadaheadConfig:
-    """Knobs of the read-ahead; see SequentialStream for how they combine."""
-
-    # The first window is small so a reader that only wants a header (safetensors
-    # reads 8 bytes and a JSON header first) does not pull megabytes it never uses.
-    initial_window: int = 2 * MiB
-    # The window doubles per sequential read up to this; at the stand-in's few
-    # hundred MB/s, 128 MiB keeps the lower mount busy for about half a second.
-    # It is also held under a quarter of the memory cache (see BlockCache).
-    max_window: int = 128 * MiB
-    # The kernel's own read-ahead (4 MiB) sends several requests at once, and they
-    # arrive out of order; a jump within this distance is still the same stream.
-    slack: int = 8 * MiB
-    # A file read in order from its start up to here is wanted whole: a web UI's
-    # hash pass, then its load. 16 MiB is a few hundred milliseconds of a hash
-    # pass, and more than any header a loader reads before the tensors.
-    whole_file_after: int = 16 * MiB
-    # Or: its head was read, then this many reads landed elsewhere in it (a
-    # safetensors header, then tensors faulted in through mmap). Eight scattered
-    # reads is a loader at work, not a tool peeking at a header.
-    whole_file_scattered_reads: int = 8
+from fusecache.config import MiB, ReadaheadConfig
 
 
 class SequentialStream:

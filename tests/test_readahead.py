@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fusecache.config import MiB
-from fusecache.readahead import FileInterest, ReadaheadConfig, SequentialStream
+from fusecache.config import MiB, ReadaheadConfig
+from fusecache.readahead import FileInterest, SequentialStream
 
 CFG = ReadaheadConfig(initial_window=2 * MiB, max_window=16 * MiB, slack=4 * MiB)
 

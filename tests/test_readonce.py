@@ -15,7 +15,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusecache.config import MiB
+from fusecache.config import MiB, ReadaheadConfig
 from fusecache.core import SHA256_XATTR, FilesystemCore
 from fusecache.errors import FsError
 from tests.conftest import Mount, needs_fuse
@@ -50,6 +50,23 @@ async def test_sequential_head_fetches_the_rest_and_hashes_it(core: FilesystemCo
     assert SHA256_XATTR in await core.listxattr(ino)
     await core.cache.wait_idle()
     assert core.cache.statistics().lower_bytes == SIZE, "each byte crosses once"
+
+
+async def test_without_sha256_the_file_is_still_fetched_whole(core: FilesystemCore) -> None:
+    core.readahead = ReadaheadConfig(sha256=False)  # `fusecache mount --no-sha256`
+    write_ramp(src_of(core) + "/m", SIZE)
+    fh = await open_file(core, b"m")
+    for off in range(0, 17 * MiB, MiB):
+        await core.read(fh, off, MiB)
+    core.release(fh)
+    with trio.fail_after(20):
+        while core.cache.statistics().lower_bytes < SIZE:  # noqa: ASYNC110 - the fill runs on
+            await trio.sleep(0.01)
+    await core.cache.wait_idle()
+    assert core.cache.statistics().lower_bytes == SIZE
+    with pytest.raises(FsError) as exc:
+        await core.getxattr((await core.lookup(1, b"m")).ino, SHA256_XATTR)
+    assert exc.value.errno == errno.ENODATA
 
 
 async def test_header_then_scattered_reads_fetch_the_rest(core: FilesystemCore) -> None:
