@@ -83,18 +83,22 @@ class BlockCache:
         disk: DiskTier | None = None, pool: BlockPool | None = None,
     ) -> None:
         self.block_size = config.block_size
-        # A fetch's blocks must all fit in memory until their readers come, or
-        # the fetch evicts its own head: hold it under a quarter of the cache.
-        fetch = min(config.fetch_size, config.mem_bytes // 4)
+        # An eighth of the budget holds blocks the scan rule turns away (a file
+        # bigger than the cache) until their reader comes: `passing`. The LRU gets
+        # the rest, so a second pass over a file 1.5x the budget still hits 58%.
+        # Both stay within mem_bytes: in a container, more is an OOM kill.
+        passing = config.mem_bytes // 8
+        self._memory: ScanResistantLRU[Block] = ScanResistantLRU(
+            config.mem_bytes - passing, passing=passing)
+        # A fetch's blocks must all fit in passing until their readers come.
+        fetch = min(config.fetch_size, passing // 2)
         self.fetch_blocks = max(1, fetch // config.block_size)
+        # Read-ahead may reach this far past the reader: a fetch unit on top of
+        # it still fits in passing (see FilesystemCore.open).
+        self.readahead_reach = max(config.block_size, passing - fetch)
         self._source = source
         self._pool = pool or new_pool(config.block_size)
         self._nursery = nursery
-        # Read-ahead holds at most a quarter of the cache (see FilesystemCore), so a
-        # quarter more keeps every block the scan rule turns away until its reader
-        # comes; the tier may then hold up to 1.25x its capacity.
-        self._memory: ScanResistantLRU[Block] = ScanResistantLRU(
-            config.mem_bytes, passing=config.mem_bytes // 4)
         self._inflight: dict[BlockKey, _Flight] = {}
         self._served_memory = 0
         self._served_lower = 0
@@ -124,7 +128,7 @@ class BlockCache:
             lower_errors=self._lower_errors,
             evictions=self._memory.evictions,
             memory_used=self._memory.used + self._memory.passing_used,
-            memory_capacity=self._memory.capacity,
+            memory_capacity=self._memory.capacity + self._memory.passing_capacity,
             memory_mapped=self._pool.statistics()["mapped_bytes"],
             disk_used=self._disk.used if self._disk else 0,
             disk_capacity=self._disk.capacity if self._disk else 0,

@@ -277,9 +277,9 @@ class FilesystemCore:
             lower = LowerFile(fd, ident, self.source, self._nursery)
             self._open_files[ino] = lower
         fh = next(self._next_fh)
-        # Read-ahead may hold at most a quarter of the memory cache, so what it
-        # fetches is not evicted before the reader gets to it.
-        stream = SequentialStream(self.readahead, self.cache.capacity // 4,
+        # Read-ahead reaches only as far as the cache can hold blocks for a reader
+        # that has not come yet, even when the file is bigger than the cache.
+        stream = SequentialStream(self.readahead, self.cache.readahead_reach,
                                   unit=self.cache.fetch_blocks * self.cache.block_size)
         self._handles[fh] = Handle(ino, lower, stream)
         return fh, not changed

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from fusecache.config import MiB, ReadaheadConfig
 from fusecache.core import SHA256_XATTR, FilesystemCore
 from fusecache.errors import FsError
-from tests.conftest import Mount, needs_fuse
+from tests.conftest import Mount, make_core, needs_fuse
 from tests.ramp import ramp, write_ramp
 from tests.test_core import open_file, src_of
 from tests.test_mount import drop_kernel_cache
@@ -143,6 +143,26 @@ def test_hash_then_load_reads_each_block_from_below_once(tmp_path: Path, mount_f
     assert digest == hashlib.sha256(want).hexdigest()
     stats = m.stats()
     assert stats["lower_bytes"] == size, "hash then load: every block crosses once"
+
+
+async def test_passes_over_a_file_bigger_than_the_cache(tmp_path: Path, implementation: str
+                                                      ) -> None:
+    """Regression: read-ahead outran the passing FIFO and fetched the file's tail twice."""
+    size = 48 * MiB  # 1.5x the memory budget
+    async with make_core(tmp_path, 32 * MiB, implementation=implementation) as core:
+        write_ramp(tmp_path / "src" / "big", size)
+        fetched = []
+        for _ in range(2):
+            before = core.cache.statistics().lower_bytes
+            fh = await open_file(core, b"big")
+            for off in range(0, size, 128 * 1024):
+                assert bytes(await core.read(fh, off, 128 * 1024)) == ramp(off, 128 * 1024)
+            core.release(fh)
+            await core.cache.wait_idle()
+            fetched.append(core.cache.statistics().lower_bytes - before)
+        assert fetched[0] == size, "the first pass fetches each block once"
+        assert fetched[1] <= size // 2, "the second pass hits at least half"
+        assert core.cache.statistics().memory_used <= 32 * MiB
 
 
 @needs_fuse
