@@ -143,28 +143,32 @@ class BlockCache:
             self._nursery.start_soon(trio.to_thread.run_sync, self._disk.discard_file, key)
 
     async def read(self, f: CachedFile, offset: int, size: int) -> Block:
-        """Bytes [offset, offset+size) of *f*, short at EOF; zero-copy within one block."""
+        """Bytes [offset, offset+size) of *f*, short at EOF; zero-copy within one block.
+
+        The bytes returned count as served, by the tier each block came from.
+        """
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
         if first == last:
-            block = await self._block(f, first)
+            block = await self._block(f, first, end - offset)
             return memoryview(block)[offset - first * bs : end - first * bs]
         parts = []
         for idx in range(first, last + 1):
-            block = await self._block(f, idx)
             lo = max(offset - idx * bs, 0)
-            hi = min(end - idx * bs, len(block))
+            hi = min(end - idx * bs, bs)
+            block = await self._block(f, idx, hi - lo)
             parts.append(memoryview(block)[lo:hi])
         return self._pool.join(parts)
 
-    async def _block(self, f: CachedFile, idx: int) -> Block:
+    async def _block(self, f: CachedFile, idx: int, served: int) -> Block:
+        """Block *idx* of *f*; *served* bytes of it count for the tier it came from."""
         key = (f.key, idx)
         block = self._memory.get(key)
         if block is not None:
-            self._served_memory += len(block)
+            self._served_memory += served
             return block
         flight = self._inflight.get(key)
         if flight is None:
@@ -175,14 +179,17 @@ class BlockCache:
             raise LowerError(flight.error)
         assert flight.data is not None
         if flight.from_disk:
-            self._served_disk += len(flight.data)
+            self._served_disk += served
         else:
-            self._served_lower += len(flight.data)
+            self._served_lower += served
         return flight.data
 
     async def block(self, f: CachedFile, idx: int) -> Block:
-        """Block *idx* of *f*, from memory, disk or the lower mount."""
-        return await self._block(f, idx)
+        """Block *idx* of *f*, from memory, disk or the lower mount, for the daemon's own use.
+
+        Not counted as served: only replies to readers are.
+        """
+        return await self._block(f, idx, 0)
 
     async def fill(self, f: CachedFile, parallel: int) -> None:
         """Fetch every block of *f* that is neither cached nor coming, in file order.
