@@ -32,6 +32,9 @@ class SwitchResult:
 class CaseResult:
     name: str
     switches: list[SwitchResult] = field(default_factory=list)
+    # Bytes the fusecache daemon replied during the second switches; the rest of
+    # the loads came from the kernel page cache. None for the plain case.
+    daemon_served_second: int | None = None
 
     def total(self, attr: str) -> float:
         return sum(getattr(s, attr) or 0 for s in self.switches)
@@ -78,9 +81,17 @@ def _timed(fn: Callable[[Path], object], path: Path, counter: Callable[[], int |
     return elapsed, (after - before) if before is not None and after is not None else None
 
 
-def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int | None]
-             ) -> CaseResult:
-    """First switch to every model in turn, then a second switch to every model."""
+def _daemon_served(mnt: Path) -> int:
+    stats = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
+    return int(stats["served_memory"] + stats["served_disk"] + stats["served_lower"])
+
+
+def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int | None],
+             daemon: Path | None = None) -> CaseResult:
+    """First switch to every model in turn, then a second switch to every model.
+
+    *daemon* is the fusecache mount whose counters to read, if any.
+    """
     case = CaseResult(name)
     for i, model in enumerate(names, 1):
         path = root / model
@@ -88,9 +99,12 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
         r.first_s, r.first_lower_bytes = _timed(workload.first_switch, path, counter)
         _progress(f"{name}: first switch {i}/{len(names)} {model} {r.first_s:.2f} s")
         case.switches.append(r)
+    served_before = _daemon_served(daemon) if daemon else 0
     for i, r in enumerate(case.switches, 1):
         r.second_s, r.second_lower_bytes = _timed(workload.second_switch, root / r.model, counter)
         _progress(f"{name}: second switch {i}/{len(names)} {r.model} {r.second_s:.2f} s")
+    if daemon:
+        case.daemon_served_second = _daemon_served(daemon) - served_before
     return case
 
 
@@ -159,20 +173,23 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
             source, counter = standin.mount, standin.bytes_sent
         cases = [run_case("plain", source, names, counter)]
         with fusecache_mount(source, mount_options) as mnt:
-            cases.append(run_case("fusecache", mnt, names, counter))
+            cases.append(run_case("fusecache", mnt, names, counter, daemon=mnt))
             daemon = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
     table = format_table(cases) + (
         f"\nfusecache daemon: served {_mb(daemon['served_memory'])} MB from memory, "
         f"{_mb(daemon['served_disk'])} MB from disk, {_mb(daemon['served_lower'])} MB from "
         f"below; {daemon['evictions']} memory evictions, "
-        f"{daemon['disk_writes_dropped']} disk writes dropped")
+        f"{daemon['disk_writes_dropped']} disk writes dropped"
+        f"\nsecond switches: the daemon served {_mb(cases[1].daemon_served_second)} MB of "
+        f"{_mb(cases[1].total('size') or None)} MB; the kernel page cache the rest")
     print(table)
     result = {
         "command": " ".join(["fusecache", *sys.argv[1:]]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "scale": scale,
-        "cases": [{"name": c.name, "switches": [asdict(s) for s in c.switches]} for c in cases],
+        "cases": [{"name": c.name, "daemon_served_second": c.daemon_served_second,
+                   "switches": [asdict(s) for s in c.switches]} for c in cases],
         "daemon_statistics": daemon,
         "table": table,
     }
