@@ -172,7 +172,7 @@ class BlockCache:
             return block
         flight = self._inflight.get(key)
         if flight is None:
-            self.start_fetch(f, idx, self.fetch_blocks)
+            self.start_fetch(f, idx, 1)  # only what the reader waits for; read-ahead does the rest
             flight = self._inflight[key]
         await flight.done.wait()
         if flight.error is not None:
