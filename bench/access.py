@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import mmap
 import os
@@ -39,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import models, workload
-from .run import fusecache_mount
+from .run import drop_caches, fusecache_mount, progress
 from .standin import (
     ACCESS_KEY,
     BUCKET,
@@ -66,14 +65,6 @@ class Figure:
     wanted: int  # bytes the pattern reads
     lower: int | None  # bytes the server sent meanwhile
     ops: int  # reads issued (for the random patterns)
-
-
-def _progress(msg: str) -> None:
-    print(f"[access {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _drop_caches() -> None:
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 # --- patterns: each takes the file and returns (bytes read, reads issued) ----------
@@ -168,35 +159,29 @@ PATTERNS: dict[str, Callable[[Path], tuple[int, int]]] = {
 
 
 @contextlib.contextmanager
-def _s3fs_use_cache(standin: Standin) -> Iterator[Path]:
+def _peer_mount(what: str, start: Callable[[Path, Path], subprocess.Popen[bytes]]
+                ) -> Iterator[Path]:
+    """A peer FUSE client, started by *start(mnt, cache_dir)* on an empty cache; unmounted."""
     with tempfile.TemporaryDirectory(prefix="fusecache-peer-") as tmp:
         mnt, cache = Path(tmp) / "mnt", Path(tmp) / "cache"
         mnt.mkdir()
         cache.mkdir()
-        proc = start_s3fs(mnt, standin.url, standin.passwd_file, [f"use_cache={cache}"])
+        proc = start(mnt, cache)
         try:
-            wait_mounted(mnt, proc)
+            wait_mounted(mnt, proc, what)
             yield mnt
         finally:
             unmount(mnt, proc)
 
 
-@contextlib.contextmanager
-def _rclone_vfs_full(standin: Standin) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="fusecache-peer-") as tmp:
-        mnt = Path(tmp) / "mnt"
-        mnt.mkdir()
-        proc = subprocess.Popen(
-            [rclone_exe(), "mount", f":s3:{BUCKET}", str(mnt), "--s3-provider", "Other",
-             "--s3-endpoint", standin.url, "--s3-access-key-id", ACCESS_KEY,
-             "--s3-secret-access-key", SECRET_KEY, "--vfs-cache-mode", "full",
-             "--cache-dir", str(Path(tmp) / "cache"), "--read-only", "--log-level", "ERROR"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
-        try:
-            wait_mounted(mnt, proc, "rclone mount")
-            yield mnt
-        finally:
-            unmount(mnt, proc)
+def _start_rclone_vfs_full(standin: Standin, mnt: Path, cache: Path
+                           ) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [rclone_exe(), "mount", f":s3:{BUCKET}", str(mnt), "--s3-provider", "Other",
+         "--s3-endpoint", standin.url, "--s3-access-key-id", ACCESS_KEY,
+         "--s3-secret-access-key", SECRET_KEY, "--vfs-cache-mode", "full",
+         "--cache-dir", str(cache), "--read-only", "--log-level", "ERROR"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
 
 
 def target_mount(name: str, standin: Standin) -> contextlib.AbstractContextManager[Path]:
@@ -205,9 +190,11 @@ def target_mount(name: str, standin: Standin) -> contextlib.AbstractContextManag
     if name == "fusecache":
         return fusecache_mount(standin.mount, [])
     if name == "s3fs-use_cache":
-        return _s3fs_use_cache(standin)
+        return _peer_mount("s3fs", lambda mnt, cache: start_s3fs(
+            mnt, standin.url, standin.passwd_file, [f"use_cache={cache}"]))
     if name == "rclone-vfs-full":
-        return _rclone_vfs_full(standin)
+        return _peer_mount("rclone mount",
+                           lambda mnt, cache: _start_rclone_vfs_full(standin, mnt, cache))
     raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
 
 
@@ -215,16 +202,15 @@ def measure(pattern: str, target: str, standin: Standin, want_sha: str) -> Figur
     with target_mount(target, standin) as root:
         path = root / MODEL
         path.stat()  # the lookup is not part of the timing
-        _drop_caches()
+        drop_caches()
         before = standin.bytes_sent()
         t0 = time.perf_counter()
         wanted, ops = PATTERNS[pattern](path)
         seconds = time.perf_counter() - t0
         after = standin.bytes_sent()
         if pattern == "seq-1":  # one check of the bytes per target, untimed
-            with open(path, "rb") as f:
-                if hashlib.file_digest(f, "sha256").hexdigest() != want_sha:
-                    raise RuntimeError(f"{target}: wrong bytes")
+            if workload.sha256_file(path) != want_sha:
+                raise RuntimeError(f"{target}: wrong bytes")
     lower = after - before if before is not None and after is not None else None
     return Figure(pattern, target, seconds, wanted, lower, ops)
 
@@ -269,11 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fusecache-") as data:
         (Path(data) / BUCKET).mkdir()
         model = Path(data) / BUCKET / MODEL
-        _progress(f"writing a {args.size_mib} MiB model")
+        progress(f"writing a {args.size_mib} MiB model", "access")
         models.write_model(model, args.size_mib << 20, seed=1)
         size = model.stat().st_size
-        with open(model, "rb") as f:
-            want_sha = hashlib.file_digest(f, "sha256").hexdigest()
+        want_sha = workload.sha256_file(model)
         if "hash+load" in args.patterns:
             import safetensors.torch  # noqa: F401 - imported before the first timing, not in it
         figures = []
@@ -282,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 for target in args.targets:
                     fig = measure(pattern, target, standin, want_sha)
                     figures.append(fig)
-                    _progress(f"{pattern:9} {target:16} {fig.seconds:7.2f} s")
+                    progress(f"{pattern:9} {target:16} {fig.seconds:7.2f} s", "access")
     table = format_table(figures, size, args.targets)
     print(table)
     result = {
@@ -294,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": table,
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
-    _progress(f"wrote {args.out / 'result.json'}")
+    progress(f"wrote {args.out / 'result.json'}", "access")
     return 0
 
 

@@ -10,35 +10,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .run import fusecache_mount
+from .run import drop_caches, fusecache_mount, wait_for_disk
 from .standin import BUCKET, running_standin
-
-
-def _sha(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def _wait_for_disk(mnt: Path, size: int, timeout: float = 60) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats: dict[str, int] = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
-        if stats["disk_used"] >= size or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.1)
+from .workload import sha256_file
 
 
 def main() -> int:
@@ -50,7 +30,7 @@ def main() -> int:
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fusecache-oss-")))
         (data / BUCKET).mkdir()
         (data / BUCKET / "model.safetensors").write_bytes(os.urandom(size))
-        want = _sha(data / BUCKET / "model.safetensors")
+        want = sha256_file(data / BUCKET / "model.safetensors")
         s = stack.enter_context(running_standin(data_dir=data))
         if s.bytes_sent() is None:
             print("cachecheck: needs root (tc byte counter, drop_caches)", file=sys.stderr)
@@ -58,7 +38,7 @@ def main() -> int:
 
         def timed_pass(label: str, mnt: Path) -> None:
             before, t0 = s.bytes_sent() or 0, time.perf_counter()
-            if _sha(mnt / "model.safetensors") != want:
+            if sha256_file(mnt / "model.safetensors") != want:
                 raise SystemExit(f"cachecheck: {label}: WRONG BYTES through fusecache")
             elapsed = time.perf_counter() - t0
             moved = (s.bytes_sent() or 0) - before
@@ -67,12 +47,12 @@ def main() -> int:
 
         with fusecache_mount(s.mount, [], Path(cache)) as mnt:
             timed_pass("first read", mnt)
-            stats = _wait_for_disk(mnt, size)
-            _drop_caches()
+            stats = wait_for_disk(mnt, size, timeout=60)
+            drop_caches()
             timed_pass("after drop_caches", mnt)
         print(f"  disk writes dropped: {stats['disk_writes_dropped']}")
         with fusecache_mount(s.mount, [], Path(cache)) as mnt:
-            _drop_caches()
+            drop_caches()
             timed_pass("after remount + drop_caches", mnt)
     return 0
 

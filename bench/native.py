@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import statistics
@@ -28,7 +27,8 @@ from pathlib import Path
 
 from fusecache.mount import pidfile_for
 
-from .run import fusecache_mount
+from .run import drop_caches, fusecache_mount, wait_for_disk
+from .workload import sha256_file
 
 IMPLEMENTATIONS = {"native": {}, "python": {"FUSECACHE_NATIVE": "0"}}
 PASSES = ("cold", "memory", "disk")
@@ -37,15 +37,6 @@ PASSES = ("cold", "memory", "disk")
 def _daemon_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _drop_caches() -> None:
-    Path("/proc/sys/vm/drop_caches").write_text("1\n")
-
-
-def _sha(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _timed_read(path: Path, pid: int, want: str) -> tuple[float, float]:
@@ -57,17 +48,9 @@ def _timed_read(path: Path, pid: int, want: str) -> tuple[float, float]:
         while f.readinto(buf):
             pass
     elapsed, cpu = time.perf_counter() - t0, _daemon_cpu(pid) - cpu0
-    if _sha(path) != want:
+    if sha256_file(path) != want:
         raise SystemExit(f"bench.native: WRONG BYTES through fusecache ({path})")
     return size / elapsed / 1e6, cpu / (size / 1e9)
-
-
-def _wait_for_disk(mnt: Path, size: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while json.loads(os.getxattr(mnt, "user.fusecache.stats"))["disk_used"] < size:
-        if time.monotonic() > deadline:
-            raise SystemExit("bench.native: the disk tier did not fill; see the daemon log")
-        time.sleep(0.1)
 
 
 def run_implementation(lower: Path, name: str, want: str, size: int
@@ -78,12 +61,13 @@ def run_implementation(lower: Path, name: str, want: str, size: int
         with fusecache_mount(lower, [], Path(cache), env) as mnt:
             pid = int(pidfile_for(mnt).read_text())
             out["cold"] = _timed_read(mnt / "blob", pid, want)
-            _wait_for_disk(mnt, size)
-            _drop_caches()
+            if wait_for_disk(mnt, size, timeout=120)["disk_used"] < size:
+                raise SystemExit("bench.native: the disk tier did not fill; see the daemon log")
+            drop_caches(1)
             out["memory"] = _timed_read(mnt / "blob", pid, want)
         with fusecache_mount(lower, [], Path(cache), env) as mnt:
             pid = int(pidfile_for(mnt).read_text())
-            _drop_caches()
+            drop_caches(1)
             out["disk"] = _timed_read(mnt / "blob", pid, want)
     return out
 
@@ -106,7 +90,7 @@ def main() -> int:
         with open(lower / "blob", "wb") as f:
             for _ in range(args.size_mib):
                 f.write(os.urandom(1 << 20))
-        want = _sha(lower / "blob")
+        want = sha256_file(lower / "blob")
         for r in range(args.rounds):
             order = list(IMPLEMENTATIONS) if r % 2 == 0 else list(reversed(IMPLEMENTATIONS))
             for name in order:

@@ -40,8 +40,30 @@ class CaseResult:
         return sum(getattr(s, attr) or 0 for s in self.switches)
 
 
-def _progress(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def progress(msg: str, tag: str = "bench") -> None:
+    print(f"[{tag} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def drop_caches(level: int = 3) -> None:
+    """Write back, then drop the kernel's caches (1: page cache; 3: also dentries, inodes)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text(f"{level}\n")
+
+
+def daemon_stats(mnt: Path) -> dict[str, int]:
+    """The counters of the fusecache daemon serving *mnt*."""
+    stats: dict[str, int] = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
+    return stats
+
+
+def wait_for_disk(mnt: Path, size: int, timeout: float) -> dict[str, int]:
+    """Wait until the disk tier holds *size* bytes or *timeout* passes; return the counters."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = daemon_stats(mnt)
+        if stats["disk_used"] >= size or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -82,8 +104,8 @@ def _timed(fn: Callable[[Path], object], path: Path, counter: Callable[[], int |
 
 
 def _daemon_served(mnt: Path) -> int:
-    stats = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
-    return int(stats["served_memory"] + stats["served_disk"] + stats["served_lower"])
+    stats = daemon_stats(mnt)
+    return stats["served_memory"] + stats["served_disk"] + stats["served_lower"]
 
 
 def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int | None],
@@ -97,12 +119,12 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
         path = root / model
         r = SwitchResult(model, path.stat().st_size)
         r.first_s, r.first_lower_bytes = _timed(workload.first_switch, path, counter)
-        _progress(f"{name}: first switch {i}/{len(names)} {model} {r.first_s:.2f} s")
+        progress(f"{name}: first switch {i}/{len(names)} {model} {r.first_s:.2f} s")
         case.switches.append(r)
     served_before = _daemon_served(daemon) if daemon else 0
     for i, r in enumerate(case.switches, 1):
         r.second_s, r.second_lower_bytes = _timed(workload.second_switch, root / r.model, counter)
-        _progress(f"{name}: second switch {i}/{len(names)} {r.model} {r.second_s:.2f} s")
+        progress(f"{name}: second switch {i}/{len(names)} {r.model} {r.second_s:.2f} s")
     if daemon:
         case.daemon_served_second = _daemon_served(daemon) - served_before
     return case
@@ -165,16 +187,16 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
             # Models are written before s3fs mounts: a lookup that comes before the
             # server lists a new object can leave s3fs taking the name for a directory.
             data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fusecache-")))
-            _progress(f"writing {len(names)} models at scale {scale}")
+            progress(f"writing {len(names)} models at scale {scale}")
             (data / BUCKET).mkdir()
             models.ensure_models(data / BUCKET, names, scale)
-            _progress("starting the OSS stand-in (rclone serve s3 + s3fs + tc)")
+            progress("starting the OSS stand-in (rclone serve s3 + s3fs + tc)")
             standin: Standin = stack.enter_context(running_standin(data_dir=data))
             source, counter = standin.mount, standin.bytes_sent
         cases = [run_case("plain", source, names, counter)]
         with fusecache_mount(source, mount_options) as mnt:
             cases.append(run_case("fusecache", mnt, names, counter, daemon=mnt))
-            daemon = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
+            daemon = daemon_stats(mnt)
     table = format_table(cases) + (
         f"\nfusecache daemon: served {_mb(daemon['served_memory'])} MB from memory, "
         f"{_mb(daemon['served_disk'])} MB from disk, {_mb(daemon['served_lower'])} MB from "
@@ -195,5 +217,5 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     plot(cases, out_dir / "switching.png")
-    _progress(f"wrote {out_dir / 'result.json'} and {out_dir / 'switching.png'}")
+    progress(f"wrote {out_dir / 'result.json'} and {out_dir / 'switching.png'}")
     return 0

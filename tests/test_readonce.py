@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from fusecache.config import MiB, ReadaheadConfig
 from fusecache.core import SHA256_XATTR, FilesystemCore
 from fusecache.errors import FsError
-from tests.conftest import Mount, make_core, needs_fuse
+from tests.conftest import Mount, force_unmount, fusecache_cmd, make_core, needs_fuse
 from tests.ramp import ramp, write_ramp
 from tests.test_core import open_file, src_of
 from tests.test_mount import drop_kernel_cache
@@ -191,8 +191,6 @@ def test_second_pass_over_a_file_bigger_than_the_cache_hits(tmp_path: Path, moun
 @pytest.fixture(scope="module")
 def reference_mount(tmp_path_factory: pytest.TempPathFactory):
     """One small-cache mount for the reference test (hypothesis runs many examples)."""
-    from tests.conftest import force_unmount, fusecache_cmd
-
     root = tmp_path_factory.mktemp("reference")
     src, mnt = root / "src", root / "mnt"
     src.mkdir()
