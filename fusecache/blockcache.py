@@ -184,6 +184,9 @@ class BlockCache:
             self._served_lower += served
         return flight.data
 
+    def block_count(self, f: CachedFile) -> int:
+        return -(-f.size // self.block_size)
+
     async def block(self, f: CachedFile, idx: int) -> Block:
         """Block *idx* of *f*, from memory, disk or the lower mount, for the daemon's own use.
 
@@ -199,7 +202,7 @@ class BlockCache:
         path instead of queueing behind the fill. Stops at the first error.
         The caller pins *f* for the fill, which releases the pin when it ends.
         """
-        nblocks = -(-f.size // self.block_size)
+        nblocks = self.block_count(f)
         window = trio.Semaphore(parallel)
         failed = False
 
@@ -249,7 +252,7 @@ class BlockCache:
         at the first block that is cached or already on its way. No await falls
         between the checks and the registration, so a block is fetched once.
         """
-        nblocks = -(-f.size // self.block_size)
+        nblocks = self.block_count(f)
         disk = self._disk
         first_key = (f.key, first)
         if first >= nblocks or first_key in self._memory or first_key in self._inflight:

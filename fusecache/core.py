@@ -308,13 +308,11 @@ class FilesystemCore:
             log.debug("%s: too big to fetch whole (%d bytes)", f.display, f.size)
             return
         log.debug("%s: fetching the whole file", f.display)
-        f.pin()  # one pin each for the fill and the hash; they release them
-        f.pin()
+        f.pin()  # released by the fill
         self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel)
         if self.readahead.sha256:
+            f.pin()  # released by the hash
             self._nursery.start_soon(self._hash, f)
-        else:
-            f.unpin()
 
     async def _hash(self, f: LowerFile) -> None:
         """sha256 of *f* from its cached blocks, in file order, for SHA256_XATTR.
@@ -323,7 +321,7 @@ class FilesystemCore:
         """
         h = hashlib.sha256()
         try:
-            for idx in range(-(-f.size // self.cache.block_size)):
+            for idx in range(self.cache.block_count(f)):
                 block = await self.cache.block(f, idx)
                 await trio.to_thread.run_sync(h.update, block)
         except LowerError as exc:

@@ -48,8 +48,12 @@ class LowerSource:
         self._demand = trio.CapacityLimiter(config.demand_threads)
         self._metadata = trio.CapacityLimiter(config.metadata_threads)
         self._readahead = trio.CapacityLimiter(config.readahead_threads)
-        self.readahead_parallel = config.readahead_threads
         self.read_timeout = config.read_timeout
+
+    @property
+    def readahead_parallel(self) -> int:
+        """How many read-ahead reads of the lower mount may run at once."""
+        return int(self._readahead.total_tokens)
 
     def full(self, path: bytes) -> bytes:
         return self.root + b"/" + path if path else self.root
