@@ -32,6 +32,10 @@ class Block(Protocol):
 class BlockPool(Protocol):
     """What the cache needs of block memory; both implementations provide it."""
 
+    @property
+    def page_aligned(self) -> bool:
+        """Blocks start on a page boundary, so an O_DIRECT read may land in them."""
+
     def read(self, fd: int, offset: int, sizes: Sequence[int]) -> list[Block]: ...
     def join(self, parts: Sequence[Block | memoryview]) -> Block: ...
     def statistics(self) -> dict[str, int]: ...
@@ -39,6 +43,8 @@ class BlockPool(Protocol):
 
 class PyBlockPool:
     """The pure-Python twin: bytearrays from the allocator, one copy per join."""
+
+    page_aligned = False  # the allocator places bytearrays anywhere
 
     def __init__(self, slot_size: int, reserve_bytes: int = 64 << 20) -> None:
         if slot_size <= 0 or slot_size % os.sysconf("SC_PAGESIZE"):

@@ -495,6 +495,19 @@ pool_statistics(PoolObject *self, PyObject *Py_UNUSED(ignored))
                          "reused", self->reused);
 }
 
+static PyObject *
+pool_page_aligned(PoolObject *Py_UNUSED(self), void *Py_UNUSED(closure))
+{
+    /* Arenas come from mmap and slot_size is a multiple of the page size. */
+    Py_RETURN_TRUE;
+}
+
+static PyGetSetDef pool_getset[] = {
+    {"page_aligned", (getter)pool_page_aligned, NULL,
+     "True: every block starts on a page boundary (O_DIRECT may read into it).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef pool_methods[] = {
     {"read", (PyCFunction)pool_read, METH_VARARGS, pool_read_doc},
     {"join", (PyCFunction)pool_join, METH_O, pool_join_doc},
@@ -512,6 +525,7 @@ static PyType_Slot pool_slots[] = {
     {Py_tp_dealloc, pool_dealloc},
     {Py_tp_traverse, pool_traverse},
     {Py_tp_methods, pool_methods},
+    {Py_tp_getset, pool_getset},
     {Py_tp_doc, (void *)pool_doc},
     {0, NULL},
 };

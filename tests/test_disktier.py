@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fusecache.blockio import BlockPool
-from fusecache.disktier import HEADER, DiskTier
+from fusecache.disktier import DATA_OFFSET, FORMAT, DiskTier
 from tests.ramp import ramp
 
 KEY = (b"models/a.safetensors", 3 << 20, 123456789, 42)
@@ -27,7 +27,7 @@ def load(tier: DiskTier, pool: BlockPool, key: tuple[object, ...], idx: int,
 
 
 def block_files(root: Path) -> list[Path]:
-    return sorted(root.glob("v1/*/*.blk"))
+    return sorted(root.glob(f"{FORMAT}/*/*.blk"))
 
 
 def test_round_trip_and_persistence(tmp_path: Path, pool: BlockPool) -> None:
@@ -55,11 +55,11 @@ def test_corrupt_or_truncated_blocks_are_misses_and_removed(tmp_path: Path, pool
         tier.write(KEY, i, block(i))
     files = block_files(tmp_path / "c")
     with open(files[0], "r+b") as f:  # flip one data byte
-        f.seek(HEADER.size + 100)
+        f.seek(DATA_OFFSET + 100)
         byte = f.read(1)
-        f.seek(HEADER.size + 100)
+        f.seek(DATA_OFFSET + 100)
         f.write(bytes([byte[0] ^ 1]))
-    os.truncate(files[1], HEADER.size + BLOCK // 2)
+    os.truncate(files[1], DATA_OFFSET + BLOCK // 2)
     os.truncate(files[2], 10)
     results = [load(tier, pool, KEY, i) for i in range(4)]
     assert results[:3] == [None, None, None]
@@ -74,7 +74,7 @@ def test_half_written_files_are_dropped_on_start(tmp_path: Path) -> None:
     tier.write(KEY, 0, block(0))
     path = block_files(tmp_path / "c")[0]
     tmp = path.with_name("1.blk.tmp")  # what a kill -9 mid-write leaves
-    tmp.write_bytes(path.read_bytes()[: HEADER.size + 10])
+    tmp.write_bytes(path.read_bytes()[: DATA_OFFSET + 10])
     again = DiskTier(tmp_path / "c", 1 << 30)
     assert not tmp.exists()
     assert not again.contains(KEY, 1)
@@ -137,3 +137,60 @@ def test_a_block_discarded_while_being_written_leaves_no_file(
     monkeypatch.setattr("fusecache.disktier.os.rename", rename_after_discard)
     assert not tier.write(KEY, 0, block(0))
     assert block_files(tmp_path / "c") == [] and tier.used == 0
+
+
+def pool_blocks(tmp_path: Path, pool: BlockPool, sizes: list[int]) -> list[bytes]:
+    """Blocks in *pool* memory, as the cache hands them to the disk tier."""
+    src = tmp_path / "lower"
+    src.write_bytes(ramp(0, sum(sizes)))
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        return pool.read(fd, 0, sizes)  # type: ignore[return-value]
+    finally:
+        os.close(fd)
+
+
+def test_whole_blocks_in_pool_memory_move_with_o_direct(
+        tmp_path: Path, pool: BlockPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    assert tier.direct_io, "ext4 and tmpfs take O_DIRECT"
+    whole, tail = pool_blocks(tmp_path, pool, [BLOCK, 1000])
+    opened: list[bool] = []
+    real_open = os.open
+
+    def recording_open(path: Path, flags: int, *args: int) -> int:
+        if str(path).endswith((".blk", ".blk.tmp")):
+            opened.append(bool(flags & os.O_DIRECT))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr("fusecache.disktier.os.open", recording_open)
+    assert tier.write(KEY, 0, whole) and tier.write(KEY, 1, tail)
+    assert load(tier, pool, KEY, 0) == bytes(whole)
+    assert load(tier, pool, KEY, 1, 1000) == bytes(tail)
+    # The C pool's blocks are page-aligned; the twin's bytearrays and a tail
+    # block's odd length go through the page cache.
+    aligned = pool.page_aligned
+    assert opened == [aligned, False, aligned, False]
+    assert tier.validation_failures == 0
+
+
+def test_corruption_is_caught_on_the_o_direct_path(tmp_path: Path, pool: BlockPool) -> None:
+    tier = DiskTier(tmp_path / "c", 1 << 30)
+    [whole] = pool_blocks(tmp_path, pool, [BLOCK])
+    tier.write(KEY, 0, whole)
+    [path] = block_files(tmp_path / "c")
+    with open(path, "r+b") as f:
+        f.seek(DATA_OFFSET + BLOCK - 1)
+        f.write(b"\xff" if bytes(whole)[-1] != 0xFF else b"\0")
+    assert load(tier, pool, KEY, 0) is None
+    assert tier.validation_failures == 1 and block_files(tmp_path / "c") == []
+
+
+def test_blocks_of_an_older_format_are_removed(tmp_path: Path) -> None:
+    old = tmp_path / "c" / "v1" / "ab"
+    old.mkdir(parents=True)
+    (old / "0.blk").write_bytes(b"old")
+    (tmp_path / "c" / "keep-me").write_text("not ours to delete")
+    DiskTier(tmp_path / "c", 1 << 30)
+    assert not (tmp_path / "c" / "v1").exists()
+    assert (tmp_path / "c" / "keep-me").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from fusecache.config import MiB
-from fusecache.disktier import DiskTier
+from fusecache.disktier import FORMAT, DiskTier
 from tests.conftest import make_core, needs_fuse
 from tests.ramp import ramp, write_ramp
 from tests.test_core import open_file, read_all
@@ -44,7 +44,7 @@ async def test_corrupted_disk_block_is_refetched(tmp_path: Path, implementation:
         fh = await open_file(core, b"f")
         await read_all(core, fh, 4 * MiB)
         await core.cache.wait_idle()
-    for path in (tmp_path / "cache").glob("v1/*/*.blk"):  # damage every block on disk
+    for path in (tmp_path / "cache").glob(f"{FORMAT}/*/*.blk"):  # damage every block on disk
         fd = os.open(path, os.O_RDWR)
         os.pwrite(fd, b"\xff", os.fstat(fd).st_size - 1)
         os.close(fd)
@@ -109,7 +109,7 @@ def test_kill_9_mid_read_leaves_no_bad_block(tmp_path: Path, mount_factory) -> N
     reader = threading.Thread(target=read)
     reader.start()
     deadline = time.monotonic() + 10
-    while not any(cache.glob("v1/*/*.blk")) and time.monotonic() < deadline:
+    while not any(cache.glob(f"{FORMAT}/*/*.blk")) and time.monotonic() < deadline:
         time.sleep(0.005)
     os.kill(pid, signal.SIGKILL)  # mid-read, disk writes under way
     reader.join(10)
