@@ -25,6 +25,10 @@ class ScanResistantLRU(Generic[V]):
     A block kept out that way is still on its way to a reader (read-ahead fetched
     it), so it waits in a small FIFO, *passing*, until newer ones push it out;
     without it, read-ahead past the cache's size would be fetched twice.
+
+    *on_evict(key, value)* is called for every block that leaves: evicted from
+    the LRU, pushed out of passing, or kept out with no room in passing. Not for
+    blocks dropped by `discard` or `discard_file`, whose content is no longer wanted.
     """
 
     def __init__(
@@ -45,10 +49,6 @@ class ScanResistantLRU(Generic[V]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._data or key in self._passing
-
-    def admitted(self, key: BlockKey) -> bool:
-        """Whether the block is in the LRU proper (not only passing through)."""
-        return key in self._data
 
     def get(self, key: BlockKey) -> V | None:
         """The block, marked as most recently used, or None."""
@@ -71,6 +71,7 @@ class ScanResistantLRU(Generic[V]):
         """
         size = len(value)
         if size > self.capacity:
+            self._left(key, value)
             return False
         self.discard(key)
         while self.used + size > self.capacity:
@@ -81,8 +82,7 @@ class ScanResistantLRU(Generic[V]):
             victim = self._data.pop(victim_key)
             self.used -= len(victim)
             self.evictions += 1
-            if self._on_evict is not None:
-                self._on_evict(victim_key, victim)
+            self._left(victim_key, victim)
         self._data[key] = value
         self.used += size
         return True
@@ -90,13 +90,23 @@ class ScanResistantLRU(Generic[V]):
     def _pass(self, key: BlockKey, value: V) -> None:
         size = len(value)
         if size > self.passing_capacity:
+            self._left(key, value)
             return
         self.discard(key)
         while self.passing_used + size > self.passing_capacity:
-            _, old = self._passing.popitem(last=False)
+            old_key, old = self._passing.popitem(last=False)
             self.passing_used -= len(old)
+            self._left(old_key, old)
         self._passing[key] = value
         self.passing_used += size
+
+    def _left(self, key: BlockKey, value: V) -> None:
+        if self._on_evict is not None:
+            self._on_evict(key, value)
+
+    def items_recent_first(self) -> list[tuple[BlockKey, V]]:
+        """Every block held, the most recently used first, passing blocks last."""
+        return [*reversed(self._data.items()), *reversed(self._passing.items())]
 
     def discard(self, key: BlockKey) -> V | None:
         """Drop one block; return it, or None if it was not there."""

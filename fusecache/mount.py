@@ -74,8 +74,10 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
             await pyfuse3.main()
         finally:
             pyfuse3.close(unmount=True)
-            nursery.cancel_scope.cancel()
-    log.info("unmounted %s", config.mountpoint)
+        log.info("unmounted %s", config.mountpoint)
+        with trio.move_on_after(config.cache.flush_on_unmount):
+            await cache.flush_to_disk()
+        nursery.cancel_scope.cancel()
 
 
 async def _stop_on_signals() -> None:

@@ -84,3 +84,27 @@ def test_a_passing_block_put_again_is_not_counted_twice() -> None:
     lru.discard(("f", 0))
     assert lru.put(("f", 2), b"x")  # now there is room in the LRU itself
     assert lru.used == 2 and lru.passing_used == 0
+
+
+def test_on_evict_sees_every_block_that_leaves_but_not_discards() -> None:
+    left: list[tuple[object, int]] = []
+    lru: ScanResistantLRU[bytes] = ScanResistantLRU(2, lambda k, v: left.append(k), passing=1)
+    lru.put(("f", 0), b"x")
+    lru.put(("f", 1), b"x")
+    lru.put(("f", 2), b"x")  # the scan rule keeps it out: it waits in passing
+    lru.put(("f", 3), b"x")  # pushes ("f", 2) out of passing
+    lru.put(("g", 0), b"x")  # another file evicts the LRU's oldest
+    assert left == [("f", 2), ("f", 0)]
+    lru.discard(("f", 1))
+    lru.discard_file("f")
+    assert left == [("f", 2), ("f", 0)]
+    assert [k for k, _ in lru.items_recent_first()] == [("g", 0)]
+
+
+def test_a_block_kept_out_without_passing_room_counts_as_left() -> None:
+    left: list[tuple[object, int]] = []
+    lru: ScanResistantLRU[bytes] = ScanResistantLRU(1, lambda k, v: left.append(k))
+    lru.put(("f", 0), b"x")
+    assert not lru.put(("f", 1), b"x")
+    assert not lru.put(("g", 0), b"xx")  # bigger than the whole cache
+    assert left == [("f", 1), ("g", 0)]

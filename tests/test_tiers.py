@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
 from fusecache.config import MiB
@@ -26,14 +28,59 @@ async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path, impleme
         assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
         await core.cache.wait_idle()
         with trio.fail_after(20):
-            while disk.used < SIZE:  # noqa: ASYNC110 - the writer thread runs behind the reader
-                await trio.sleep(0.01)
-        assert core.cache.statistics().disk_writes_dropped == 0
-        lower = core.cache.statistics().lower_bytes
+            await core.cache.wait_spilled()
+        stats = core.cache.statistics()
+        assert stats.disk_writes_dropped == 0
+        # Memory spills to disk: what it let go is on disk, what it holds is not.
+        assert disk.used + stats.memory_used == SIZE
+        lower = stats.lower_bytes
         assert bytes(await read_all(core, fh, SIZE, chunk=3 * MiB + 5)) == ramp(0, SIZE)
         stats = core.cache.statistics()
         assert stats.lower_bytes == lower, "the second read must not reach the lower mount"
         assert stats.served_disk > SIZE // 2
+
+
+async def test_a_model_that_fits_in_memory_is_not_written_until_unmount(
+        tmp_path: Path, implementation: str) -> None:
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    async with make_core(tmp_path, 64 * MiB, disk, implementation) as core:
+        write_ramp(tmp_path / "src" / "f", SIZE)
+        fh = await open_file(core, b"f")
+        assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
+        await core.cache.wait_idle()
+        await core.cache.wait_spilled()
+        assert disk.used == 0
+        await core.cache.flush_to_disk()  # what a clean unmount does
+        assert disk.used == SIZE
+    again = DiskTier(tmp_path / "cache", 1 << 30)
+    async with make_core(tmp_path, 64 * MiB, again, implementation) as core:
+        fh = await open_file(core, b"f")
+        assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
+        assert core.cache.statistics().lower_bytes == 0
+
+
+async def test_a_block_waiting_for_its_writer_is_served_from_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    gate = threading.Event()
+    real_write = disk.write
+
+    def slow_write(*args: object) -> bool:
+        gate.wait(10)
+        return real_write(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(disk, "write", slow_write)
+    async with make_core(tmp_path, 2 * MiB, disk) as core:
+        write_ramp(tmp_path / "src" / "f", 8 * MiB)
+        fh = await open_file(core, b"f")
+        assert await read_all(core, fh, 8 * MiB) == ramp(0, 8 * MiB)
+        await core.cache.wait_idle()
+        lower = core.cache.statistics().lower_bytes
+        assert bytes(await core.read(fh, 0, MiB)) == ramp(0, MiB)  # left memory, not on disk yet
+        assert core.cache.statistics().lower_bytes == lower
+        gate.set()
+        with trio.fail_after(20):
+            await core.cache.wait_spilled()
 
 
 async def test_corrupted_disk_block_is_refetched(tmp_path: Path, implementation: str) -> None:
@@ -44,6 +91,7 @@ async def test_corrupted_disk_block_is_refetched(tmp_path: Path, implementation:
         fh = await open_file(core, b"f")
         await read_all(core, fh, 4 * MiB)
         await core.cache.wait_idle()
+        await core.cache.flush_to_disk()
     for path in (tmp_path / "cache").glob(f"{FORMAT}/*/*.blk"):  # damage every block on disk
         fd = os.open(path, os.O_RDWR)
         os.pwrite(fd, b"\xff", os.fstat(fd).st_size - 1)
@@ -66,16 +114,12 @@ def test_remount_serves_from_disk(tmp_path: Path, mount_factory) -> None:
     cache = tmp_path / "shared-cache"
     m = mount_factory(src, "--mem-cache", "4M", cache_dir=cache)
     assert (m.mnt / "model.bin").read_bytes() == ramp(0, SIZE, seed=9)
-    deadline = time.monotonic() + 20
-    while m.stats()["disk_used"] < SIZE:  # disk writes run behind the reader
-        assert time.monotonic() < deadline, m.stats()
-        time.sleep(0.05)
     before = m.stats()["lower_bytes"]
     drop_kernel_cache(m.mnt / "model.bin")
     assert (m.mnt / "model.bin").read_bytes() == ramp(0, SIZE, seed=9)
     stats = m.stats()
     assert stats["lower_bytes"] == before, "after the kernel dropped its pages: no lower reads"
-    m.unmount()
+    m.unmount()  # writes what memory still holds to disk
     m2 = mount_factory(src, cache_dir=cache)
     assert (m2.mnt / "model.bin").read_bytes() == ramp(0, SIZE, seed=9)
     stats = m2.stats()
@@ -97,7 +141,7 @@ def test_kill_9_mid_read_leaves_no_bad_block(tmp_path: Path, mount_factory) -> N
     size = 64 * MiB
     write_ramp(src / "model.bin", size, seed=4)
     cache = tmp_path / "crash-cache"
-    m = mount_factory(src, cache_dir=cache)
+    m = mount_factory(src, "--mem-cache", "8M", cache_dir=cache)  # spills as it reads
     pid = int(pidfile_for(m.mnt).read_text())
 
     def read() -> None:
