@@ -33,12 +33,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import models, workload
-from .run import drop_caches, fusecache_mount, progress
+from .run import busy_cpu_seconds, drop_caches, fusecache_mount, progress
 from .standin import (
     ACCESS_KEY,
     BUCKET,
@@ -52,7 +51,6 @@ from .standin import (
 )
 
 MODEL = "model.safetensors"
-CHUNK = 1 << 20
 RANDOM_READS = 400
 TARGETS = ("plain", "fusecache", "s3fs-use_cache", "rclone-vfs-full")
 
@@ -65,36 +63,18 @@ class Figure:
     wanted: int  # bytes the pattern reads
     lower: int | None  # bytes the server sent meanwhile
     ops: int  # reads issued (for the random patterns)
+    cpu: float  # CPU-seconds the whole machine was busy meanwhile
 
 
 # --- patterns: each takes the file and returns (bytes read, reads issued) ----------
 
 
 def seq_1(path: Path) -> tuple[int, int]:
-    return _read_range(path, 0, path.stat().st_size), 0
-
-
-def _read_range(path: Path, start: int, stop: int) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got, off = 0, start
-        while off < stop:
-            n = len(os.pread(fd, min(CHUNK, stop - off), off))
-            if n == 0:
-                break
-            got, off = got + n, off + n
-        return got
-    finally:
-        os.close(fd)
+    return workload.read_range(path, 0, path.stat().st_size), 0
 
 
 def seq_4(path: Path) -> tuple[int, int]:
-    size = path.stat().st_size
-    quarter = -(-size // 4)
-    with ThreadPoolExecutor(4) as pool:
-        parts = pool.map(lambda i: _read_range(path, i * quarter, min(size, (i + 1) * quarter)),
-                         range(4))
-        return sum(parts), 0
+    return workload.read_parallel(path, 4), 0
 
 
 def hash_then_load(path: Path) -> tuple[int, int]:
@@ -204,15 +184,16 @@ def measure(pattern: str, target: str, standin: Standin, want_sha: str) -> Figur
         path.stat()  # the lookup is not part of the timing
         drop_caches()
         before = standin.bytes_sent()
-        t0 = time.perf_counter()
+        cpu0, t0 = busy_cpu_seconds(), time.perf_counter()
         wanted, ops = PATTERNS[pattern](path)
         seconds = time.perf_counter() - t0
+        cpu = busy_cpu_seconds() - cpu0
         after = standin.bytes_sent()
         if pattern == "seq-1":  # one check of the bytes per target, untimed
             if workload.sha256_file(path) != want_sha:
                 raise RuntimeError(f"{target}: wrong bytes")
     lower = after - before if before is not None and after is not None else None
-    return Figure(pattern, target, seconds, wanted, lower, ops)
+    return Figure(pattern, target, seconds, wanted, lower, ops, cpu)
 
 
 def format_table(figures: list[Figure], size: int, targets: list[str]) -> str:
@@ -235,6 +216,14 @@ def format_table(figures: list[Figure], size: int, targets: list[str]) -> str:
         lines.append(f"{pattern:10}" + "".join(f" | {c:>22}" for c in cells))
     lines.append("rate; speed vs plain (plain time / this time); bytes from the server in "
                  "file sizes (F)")
+    lines += ["", f"{'CPU s/GB':10}" + "".join(f" | {t:>16}" for t in targets)]
+    for pattern in PATTERNS:
+        got = [by.get((pattern, t)) for t in targets]
+        if any(got):
+            lines.append(f"{pattern:10}" + "".join(
+                f" | {f.cpu / f.wanted * 1e9:16.2f}" if f else f" | {'-':>16}" for f in got))
+    lines.append("CPU-seconds the whole machine was busy per GB the pattern read (reader, "
+                 "daemon, kernel, s3fs and the S3 server together)")
     return "\n".join(lines)
 
 

@@ -6,9 +6,10 @@ Needs root (drop_caches). The file lives on tmpfs unless --lower says otherwise,
 lower mount is not the bottleneck and the figures are the daemon's. For each
 implementation, in alternating order, three passes through a fresh mount:
 
-- cold: nothing cached; blocks come from the lower file (and go on to the disk tier);
+- cold: nothing cached; blocks come from the lower file;
 - memory: after drop_caches, the daemon serves every block from its memory tier;
-- disk: after a remount on the same cache dir and drop_caches, from the disk tier.
+- disk: after a remount on the same cache dir (the unmount wrote memory to disk) and
+  drop_caches, from the disk tier.
 
 Every pass is checked against the file's sha256 (from the page cache, untimed).
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from fusecache.mount import pidfile_for
 
-from .run import drop_caches, fusecache_mount, wait_for_disk
+from .run import daemon_stats, drop_caches, fusecache_mount
 from .workload import sha256_file
 
 IMPLEMENTATIONS = {"native": {}, "python": {"FUSECACHE_NATIVE": "0"}}
@@ -61,12 +62,13 @@ def run_implementation(lower: Path, name: str, want: str, size: int
         with fusecache_mount(lower, [], Path(cache), env) as mnt:
             pid = int(pidfile_for(mnt).read_text())
             out["cold"] = _timed_read(mnt / "blob", pid, want)
-            if wait_for_disk(mnt, size, timeout=120)["disk_used"] < size:
-                raise SystemExit("bench.native: the disk tier did not fill; see the daemon log")
             drop_caches(1)
             out["memory"] = _timed_read(mnt / "blob", pid, want)
+        # The unmount wrote the memory tier to disk.
         with fusecache_mount(lower, [], Path(cache), env) as mnt:
             pid = int(pidfile_for(mnt).read_text())
+            if daemon_stats(mnt)["disk_used"] < size:
+                raise SystemExit("bench.native: the disk tier did not fill; see the daemon log")
             drop_caches(1)
             out["disk"] = _timed_read(mnt / "blob", pid, want)
     return out

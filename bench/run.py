@@ -40,8 +40,59 @@ class CaseResult:
         return sum(getattr(s, attr) or 0 for s in self.switches)
 
 
+@dataclass
+class Ideal:
+    """What the targets of read-ahead and read-once are measured against, same run.
+
+    A first switch at best moves every byte once at the plain mount's best
+    throughput, then loads from memory; a second switch at best loads from the
+    local page cache.
+    """
+
+    plain_best_bps: float  # the plain mount read by 4 threads at once (seq-4)
+    local_load_s: float  # every model loaded from a local file in the page cache
+    total_bytes: int
+
+    @property
+    def first_s(self) -> float:
+        return self.total_bytes / self.plain_best_bps + self.local_load_s
+
+    @property
+    def second_s(self) -> float:
+        return self.local_load_s
+
+
+def measure_ideal(plain_root: Path, local_root: Path, names: list[str]) -> Ideal:
+    """The ideal switch times: the plain mount's best throughput and local page-cache loads."""
+    largest = max(names, key=lambda n: (local_root / n).stat().st_size)
+    t0 = time.perf_counter()
+    got = workload.read_parallel(plain_root / largest, 4)
+    best = got / (time.perf_counter() - t0)
+    progress(f"plain mount, 4 readers: {best / 1e6:,.0f} MB/s over {largest}")
+    local = 0.0
+    for name in names:
+        workload.read_range(local_root / name, 0, (local_root / name).stat().st_size)  # warm
+        t0 = time.perf_counter()
+        workload.second_switch(local_root / name)
+        local += time.perf_counter() - t0
+    progress(f"loads from the local page cache: {local:.2f} s")
+    return Ideal(best, local, sum((local_root / n).stat().st_size for n in names))
+
+
 def progress(msg: str, tag: str = "bench") -> None:
     print(f"[{tag} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (not idle or waiting on I/O) since boot.
+
+    Machine-wide, because a read through fusecache spends CPU in the reader, the
+    daemon, the kernel's FUSE and block layers, s3fs and the S3 server alike.
+    """
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle, iowait = ticks[3], ticks[4]
+    return (sum(ticks) - idle - iowait) / os.sysconf("SC_CLK_TCK")
 
 
 def drop_caches(level: int = 3) -> None:
@@ -54,16 +105,6 @@ def daemon_stats(mnt: Path) -> dict[str, int]:
     """The counters of the fusecache daemon serving *mnt*."""
     stats: dict[str, int] = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
     return stats
-
-
-def wait_for_disk(mnt: Path, size: int, timeout: float) -> dict[str, int]:
-    """Wait until the disk tier holds *size* bytes or *timeout* passes; return the counters."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = daemon_stats(mnt)
-        if stats["disk_used"] >= size or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -157,6 +198,16 @@ def format_table(cases: list[CaseResult]) -> str:
     return "\n".join(lines)
 
 
+def format_ideal(cached: CaseResult, ideal: Ideal) -> str:
+    return "\n".join([
+        f"ideal first switches: {ideal.first_s:.2f} s (every byte once at the plain mount's "
+        f"best, {ideal.plain_best_bps / 1e6:,.0f} MB/s with 4 readers, then loads from memory); "
+        f"fusecache takes {cached.total('first_s') / ideal.first_s:.2f}x that",
+        f"ideal second switches: {ideal.second_s:.2f} s (loads from the local page cache); "
+        f"fusecache takes {cached.total('second_s') / ideal.second_s:.2f}x that",
+    ])
+
+
 def plot(cases: list[CaseResult], path: Path) -> None:
     import matplotlib
 
@@ -183,6 +234,7 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         counter: Callable[[], int | None] = lambda: None  # noqa: E731
+        ideal: Ideal | None = None
         if source is None:
             # Models are written before s3fs mounts: a lookup that comes before the
             # server lists a new object can leave s3fs taking the name for a directory.
@@ -193,6 +245,7 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
             progress("starting the OSS stand-in (rclone serve s3 + s3fs + tc)")
             standin: Standin = stack.enter_context(running_standin(data_dir=data))
             source, counter = standin.mount, standin.bytes_sent
+            ideal = measure_ideal(source, data / BUCKET, names)
         cases = [run_case("plain", source, names, counter)]
         with fusecache_mount(source, mount_options) as mnt:
             cases.append(run_case("fusecache", mnt, names, counter, daemon=mnt))
@@ -204,6 +257,8 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
         f"{daemon['disk_writes_dropped']} disk writes dropped"
         f"\nsecond switches: the daemon served {_mb(cases[1].daemon_served_second)} MB of "
         f"{_mb(cases[1].total('size') or None)} MB; the kernel page cache the rest")
+    if ideal is not None:
+        table += "\n" + format_ideal(cases[1], ideal)
     print(table)
     result = {
         "command": " ".join(["fusecache", *sys.argv[1:]]),
@@ -213,6 +268,8 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
         "cases": [{"name": c.name, "daemon_served_second": c.daemon_served_second,
                    "switches": [asdict(s) for s in c.switches]} for c in cases],
         "daemon_statistics": daemon,
+        "ideal": None if ideal is None else {**asdict(ideal), "first_s": ideal.first_s,
+                                              "second_s": ideal.second_s},
         "table": table,
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
