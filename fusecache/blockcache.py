@@ -331,11 +331,10 @@ class BlockCache:
     async def _write_to_disk(self, receive: trio.MemoryReceiveChannel[BlockKey]) -> None:
         assert self._disk is not None
         async for key in receive:
-            block = self._spilling.get(key)
-            if block is None:  # its file changed meanwhile
-                continue
+            block = self._spilling.get(key)  # None: its file changed meanwhile
             try:
-                await trio.to_thread.run_sync(self._disk.write, *key, block)
+                if block is not None:
+                    await trio.to_thread.run_sync(self._disk.write, *key, block)
             except Exception:
                 log.exception("writing a block to the disk cache failed")
             finally:

@@ -58,11 +58,6 @@ class ScanResistantLRU(Generic[V]):
             return value
         return self._passing.get(key)
 
-    def peek(self, key: BlockKey) -> V | None:
-        """The block, or None; its place in the LRU order does not change."""
-        value = self._data.get(key)
-        return value if value is not None else self._passing.get(key)
-
     def put(self, key: BlockKey, value: V) -> bool:
         """Admit a block; return False if the scan rule or its size kept it out.
 
