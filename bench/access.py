@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(data) / BUCKET / MODEL
         progress(f"writing a {args.size_mib} MiB model", "access")
         models.write_model(model, args.size_mib << 20, seed=1)
+        os.sync()  # its dirty pages flushing would slow the first cells
         size = model.stat().st_size
         want_sha = workload.sha256_file(model)
         if "hash+load" in args.patterns:
