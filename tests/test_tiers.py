@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from fusecache.config import MiB
+from fusecache.core import FilesystemCore
 from fusecache.disktier import FORMAT, DiskTier
 from tests.conftest import make_core, needs_fuse
 from tests.ramp import ramp, write_ramp
@@ -19,16 +20,22 @@ from tests.test_core import open_file, read_all
 SIZE = 20 * MiB + 99
 
 
+async def read_settled(tmp_path: Path, core: FilesystemCore) -> int:
+    """Write src/f (SIZE bytes of ramp), read it whole, wait for every fetch and spill."""
+    write_ramp(tmp_path / "src" / "f", SIZE)
+    fh = await open_file(core, b"f")
+    assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
+    await core.cache.wait_idle()
+    with trio.fail_after(20):
+        await core.cache.wait_spilled()
+    return fh
+
+
 async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path, implementation: str
                                                          ) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
     async with make_core(tmp_path, 4 * MiB, disk, implementation) as core:
-        write_ramp(tmp_path / "src" / "f", SIZE)
-        fh = await open_file(core, b"f")
-        assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
-        await core.cache.wait_idle()
-        with trio.fail_after(20):
-            await core.cache.wait_spilled()
+        fh = await read_settled(tmp_path, core)
         stats = core.cache.statistics()
         assert stats.disk_writes_dropped == 0
         # Memory spills to disk: what it let go is on disk, what it holds is not.
@@ -44,11 +51,7 @@ async def test_a_model_that_fits_in_memory_is_not_written_until_unmount(
         tmp_path: Path, implementation: str) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
     async with make_core(tmp_path, 64 * MiB, disk, implementation) as core:
-        write_ramp(tmp_path / "src" / "f", SIZE)
-        fh = await open_file(core, b"f")
-        assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
-        await core.cache.wait_idle()
-        await core.cache.wait_spilled()
+        await read_settled(tmp_path, core)
         assert disk.used == 0
         await core.cache.flush_to_disk()  # what a clean unmount does
         assert disk.used == SIZE
