@@ -6,7 +6,7 @@ The concurrency protocol is written down in docs/design.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,6 +52,7 @@ class CacheStatistics:
     disk_capacity: int
     disk_writes_dropped: int
     validation_failures: int
+    handed_to_kernel: int  # blocks memory let go to disk once the kernel held all their pages
 
 
 @dataclass
@@ -77,6 +78,8 @@ class BlockCache:
     # One writer fell behind a 240 MB/s reader (117 of 400 blocks dropped); four
     # keep up.
     DISK_WRITERS = 4
+    # The kernel's page size: it caches, and asks for, whole pages.
+    PAGE = 4096
 
     def __init__(
         self, config: CacheConfig, source: LowerSource, nursery: trio.Nursery,
@@ -115,6 +118,13 @@ class BlockCache:
         self._spilling: dict[BlockKey, Block] = {}
         self._spilled = trio.Event()  # set while _spilling is empty
         self._spilled.set()
+        # Per block in memory: a bit mask of the pages a reader that keeps them
+        # (the kernel page cache) has been served. See _served.
+        self._kernel_pages: dict[BlockKey, int] = {}
+        self._walks: dict[Hashable, int] = {}  # file key -> the block a walk waits for
+        self._walks_ended = trio.Event()  # set while no walk is under way
+        self._walks_ended.set()
+        self._handed_to_kernel = 0
         send, receive = trio.open_memory_channel[BlockKey](self.SPILL_HELD)
         self._spill_queue = send
         if disk is not None:
@@ -137,36 +147,77 @@ class BlockCache:
             disk_capacity=self._disk.capacity if self._disk else 0,
             disk_writes_dropped=self._disk_writes_dropped,
             validation_failures=self._disk.validation_failures if self._disk else 0,
+            handed_to_kernel=self._handed_to_kernel,
         )
 
     def forget_file(self, key: Hashable) -> None:
         """Drop a file's cached blocks (its content changed)."""
-        self._memory.discard_file(key)
+        for gone in self._memory.discard_file(key):
+            self._kernel_pages.pop(gone, None)
         for doomed in [k for k in self._spilling if k[0] == key]:
             del self._spilling[doomed]  # its writer finds nothing and moves on
         if self._disk is not None:
             self._nursery.start_soon(trio.to_thread.run_sync, self._disk.discard_file, key)
 
-    async def read(self, f: CachedFile, offset: int, size: int) -> Block:
+    async def read(self, f: CachedFile, offset: int, size: int, kept: bool = True) -> Block:
         """Bytes [offset, offset+size) of *f*, short at EOF; zero-copy within one block.
 
         The bytes returned count as served, by the tier each block came from.
+        *kept* says the reader keeps what it is served (the kernel page cache
+        does, unless the file was opened with O_DIRECT): see _served.
         """
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
-        if first == last:
-            block = await self._block(f, first, end - offset)
-            return memoryview(block)[offset - first * bs : end - first * bs]
         parts = []
         for idx in range(first, last + 1):
             lo = max(offset - idx * bs, 0)
             hi = min(end - idx * bs, bs)
             block = await self._block(f, idx, hi - lo)
             parts.append(memoryview(block)[lo:hi])
-        return self._pool.join(parts)
+        if kept and self._disk is not None:
+            for idx in range(first, last + 1):
+                self._served((f.key, idx), max(offset - idx * bs, 0),
+                             min(end - idx * bs, bs), min(bs, f.size - idx * bs))
+        return parts[0] if len(parts) == 1 else self._pool.join(parts)
+
+    def _served(self, key: BlockKey, lo: int, hi: int, length: int) -> None:
+        """Note that the kernel now holds bytes [lo, hi) of a block of *length* bytes.
+
+        Once it holds every page of a block, memory lets the block go to the disk
+        tier (exclusive caching): the page cache answers the next read of it, and
+        a copy in our memory would take memory the page cache needs to keep it.
+        Without a disk tier, memory is the only copy below the kernel's and stays.
+        A block a walk (the sha256 pass) has yet to reach stays until it has.
+        """
+        if key not in self._memory:
+            return
+        page = self.PAGE
+        first = -(-lo // page)  # pages wholly inside [lo, hi); the block's last may be short
+        stop = (hi if hi < length else length + page - 1) // page
+        if stop <= first:
+            return
+        mask = self._kernel_pages.get(key, 0) | (((1 << (stop - first)) - 1) << first)
+        self._kernel_pages[key] = mask
+        if mask == (1 << -(-length // page)) - 1 and key[1] < self._walks.get(key[0], key[1] + 1):
+            self._to_disk(key)
+
+    def _to_disk(self, key: BlockKey) -> None:
+        """Move a block the kernel holds whole from memory to the disk tier."""
+        assert self._disk is not None
+        self._kernel_pages.pop(key, None)
+        if self._disk.contains(*key):
+            self._memory.discard(key)
+        elif len(self._spilling) < self.SPILL_HELD:
+            block = self._memory.discard(key)
+            if block is None:
+                return
+            self._spill(key, block)
+        else:
+            return  # the writers are behind: it stays until memory evicts it
+        self._handed_to_kernel += 1
 
     async def _block(self, f: CachedFile, idx: int, served: int) -> Block:
         """Block *idx* of *f*; *served* bytes of it count for the tier it came from."""
@@ -194,15 +245,46 @@ class BlockCache:
     def block_count(self, f: CachedFile) -> int:
         return -(-f.size // self.block_size)
 
-    async def block(self, f: CachedFile, idx: int) -> Block:
-        """Block *idx* of *f*, from memory, disk or the lower mount, for the daemon's own use.
+    async def walk(self, f: CachedFile, consume: Callable[[Block], Awaitable[object]]) -> None:
+        """Hand every block of *f* to *consume*, in file order, for the daemon's own use.
 
-        Not counted as served: only replies to readers are.
+        Not counted as served: only replies to readers are. A walk behind the
+        kernel's reader keeps the blocks it has yet to reach in memory, so it does
+        not read back from disk what the kernel was handed moments ago.
         """
-        return await self._block(f, idx, 0)
+        key = f.key
+        if self._walks_ended.is_set():
+            self._walks_ended = trio.Event()
+        try:
+            for idx in range(self.block_count(f)):
+                self._walks[key] = idx
+                # On disk alone: it left memory before the walk began (the kernel
+                # had it, or memory was full). Read it, but do not cache it again.
+                disk_only = (self._disk is not None and not self._held((key, idx))
+                             and self._disk.contains(key, idx))
+                await consume(await self._block(f, idx, 0))
+                self._walks[key] = idx + 1
+                if disk_only and self._disk is not None and self._disk.contains(key, idx):
+                    self._memory.discard((key, idx))
+                    self._kernel_pages.pop((key, idx), None)
+                elif self._kernel_holds((key, idx)):
+                    self._to_disk((key, idx))
+        finally:
+            del self._walks[key]
+            if not self._walks:
+                self._walks_ended.set()
+
+    def _kernel_holds(self, key: BlockKey) -> bool:
+        """Whether the kernel was handed every page of a block memory holds."""
+        block = self._memory.get(key) if key in self._kernel_pages else None
+        return block is not None and (
+            self._kernel_pages[key] == (1 << -(-len(block) // self.PAGE)) - 1)
 
     async def fill(self, f: CachedFile, parallel: int) -> None:
-        """Fetch every block of *f* that is neither cached nor coming, in file order.
+        """Fetch from below every block of *f* that is neither held nor coming, in file order.
+
+        Blocks on disk are left there: they are local already, and one the
+        kernel was handed moments ago would only come back to memory as a copy.
 
         At most *parallel* fetches are registered at a time, so a reader that
         wants a block the fill has not reached fetches it on its own (demand)
@@ -224,8 +306,9 @@ class BlockCache:
                 idx = 0
                 while idx < nblocks and not failed:
                     await window.acquire()
-                    started = self.start_fetch(f, idx, self.fetch_blocks, readahead=True)
-                    if started == 0:  # cached or on its way already
+                    started = self.start_fetch(f, idx, self.fetch_blocks, readahead=True,
+                                               from_disk=False)
+                    if started == 0:  # held, on its way, or on disk
                         window.release()
                         idx += 1
                         continue
@@ -235,9 +318,12 @@ class BlockCache:
             f.unpin()
 
     async def wait_idle(self) -> None:
-        """Return once no fetch is in flight."""
-        while self._inflight:
-            await next(iter(self._inflight.values())).done.wait()
+        """Return once no fetch is in flight and no walk is under way."""
+        while self._inflight or self._walks:
+            if self._inflight:
+                await next(iter(self._inflight.values())).done.wait()
+            else:
+                await self._walks_ended.wait()
 
     @property
     def capacity(self) -> int:
@@ -252,12 +338,14 @@ class BlockCache:
                                        readahead=True)
             idx += max(started, 1)
 
-    def start_fetch(self, f: CachedFile, first: int, count: int, readahead: bool = False) -> int:
+    def start_fetch(self, f: CachedFile, first: int, count: int, readahead: bool = False,
+                    from_disk: bool = True) -> int:
         """Start fetching the missing blocks in [first, first+count); return how many.
 
         The fetch covers the run of missing blocks that starts at *first*; it stops
         at the first block that is cached or already on its way. No await falls
         between the checks and the registration, so a block is fetched once.
+        A block on disk is read from there, or, without *from_disk*, not at all.
         """
         nblocks = self.block_count(f)
         disk = self._disk
@@ -265,6 +353,8 @@ class BlockCache:
         if first >= nblocks or self._held(first_key):
             return 0
         if disk is not None and disk.contains(f.key, first):
+            if not from_disk:
+                return 0
             flight = self._inflight[first_key] = _Flight(from_disk=True)
             f.pin()
             self._nursery.start_soon(self._fetch_from_disk, f, first, flight, readahead)
@@ -314,6 +404,7 @@ class BlockCache:
 
     def _spill(self, key: BlockKey, block: Block) -> None:
         """A block leaves memory (the LRU's on_evict): queue it for the disk tier."""
+        self._kernel_pages.pop(key, None)
         if self._disk is None or key in self._spilling or self._disk.contains(*key):
             return
         if len(self._spilling) >= self.SPILL_HELD:

@@ -88,6 +88,9 @@ class Handle:
     ino: int
     file: LowerFile
     stream: SequentialStream
+    # The kernel keeps what it reads for this handle in its page cache (all
+    # but O_DIRECT opens), so the cache need not keep a copy in memory.
+    kernel_keeps: bool = True
 
 
 class FilesystemCore:
@@ -281,7 +284,7 @@ class FilesystemCore:
         # that has not come yet, even when the file is bigger than the cache.
         stream = SequentialStream(self.readahead, self.cache.readahead_reach,
                                   unit=self.cache.fetch_blocks * self.cache.block_size)
-        self._handles[fh] = Handle(ino, lower, stream)
+        self._handles[fh] = Handle(ino, lower, stream, kernel_keeps=not flags & os.O_DIRECT)
         return fh, not changed
 
     async def read(self, fh: int, offset: int, size: int) -> Block:
@@ -296,7 +299,7 @@ class FilesystemCore:
             interest = self._interest[f.key] = FileInterest(self.readahead)
         if interest.on_read(offset, size):
             self._fetch_whole(f)
-        return await self.cache.read(f, offset, size)
+        return await self.cache.read(f, offset, size, kept=handle.kernel_keeps)
 
     def _fetch_whole(self, f: LowerFile) -> None:
         """The read-once rule: fetch the rest of a wanted file now, and hash it on the way.
@@ -320,10 +323,12 @@ class FilesystemCore:
         Releases the pin the caller took for it.
         """
         h = hashlib.sha256()
+
+        async def update(block: Block) -> None:
+            await trio.to_thread.run_sync(h.update, block)
+
         try:
-            for idx in range(self.cache.block_count(f)):
-                block = await self.cache.block(f, idx)
-                await trio.to_thread.run_sync(h.update, block)
+            await self.cache.walk(f, update)
         except LowerError as exc:
             log.warning("%s: no sha256: %s", f.display, exc)
             return

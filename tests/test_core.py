@@ -20,9 +20,9 @@ def src_of(core: FilesystemCore) -> str:
     return os.fsdecode(core.source.root)
 
 
-async def open_file(core: FilesystemCore, name: bytes) -> int:
+async def open_file(core: FilesystemCore, name: bytes, flags: int = os.O_RDONLY) -> int:
     attr = await core.lookup(ROOT_INODE, name)
-    fh, _ = await core.open(attr.ino, os.O_RDONLY)
+    fh, _ = await core.open(attr.ino, flags)
     return fh
 
 

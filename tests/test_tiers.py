@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -20,10 +21,10 @@ from tests.test_core import open_file, read_all
 SIZE = 20 * MiB + 99
 
 
-async def read_settled(tmp_path: Path, core: FilesystemCore) -> int:
+async def read_settled(tmp_path: Path, core: FilesystemCore, flags: int = os.O_RDONLY) -> int:
     """Write src/f (SIZE bytes of ramp), read it whole, wait for every fetch and spill."""
     write_ramp(tmp_path / "src" / "f", SIZE)
-    fh = await open_file(core, b"f")
+    fh = await open_file(core, b"f", flags)
     assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
     await core.cache.wait_idle()
     with trio.fail_after(20):
@@ -47,12 +48,26 @@ async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path, impleme
         assert stats.served_disk > SIZE // 2
 
 
-async def test_a_model_that_fits_in_memory_is_not_written_until_unmount(
+async def test_blocks_the_kernel_holds_leave_memory_for_disk(tmp_path: Path,
+                                                              implementation: str) -> None:
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    async with make_core(tmp_path, 64 * MiB, disk, implementation) as core:
+        fh = await read_settled(tmp_path, core)
+        stats = core.cache.statistics()
+        assert stats.memory_used == 0 and disk.used == SIZE
+        assert stats.handed_to_kernel == core.cache.block_count(core._handles[fh].file)
+        lower = stats.lower_bytes
+        # The kernel dropped its pages (drop_caches): the next read comes from disk.
+        assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
+        assert core.cache.statistics().lower_bytes == lower
+
+
+async def test_an_o_direct_reader_keeps_nothing_so_memory_keeps_its_blocks(
         tmp_path: Path, implementation: str) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
     async with make_core(tmp_path, 64 * MiB, disk, implementation) as core:
-        await read_settled(tmp_path, core)
-        assert disk.used == 0
+        await read_settled(tmp_path, core, os.O_RDONLY | os.O_DIRECT)
+        assert core.cache.statistics().memory_used == SIZE and disk.used == 0
         await core.cache.flush_to_disk()  # what a clean unmount does
         assert disk.used == SIZE
     again = DiskTier(tmp_path / "cache", 1 << 30)
@@ -60,6 +75,28 @@ async def test_a_model_that_fits_in_memory_is_not_written_until_unmount(
         fh = await open_file(core, b"f")
         assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
         assert core.cache.statistics().lower_bytes == 0
+
+
+async def test_a_block_leaves_memory_only_once_the_kernel_holds_every_page(
+        tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    async with make_core(tmp_path, 64 * MiB, disk) as core:
+        write_ramp(tmp_path / "src" / "f", MiB + 5000)  # a whole block and a short one
+        fh = await open_file(core, b"f")
+        cache = core.cache
+
+        async def read(off: int, size: int) -> int:
+            assert bytes(await core.read(fh, off, size)) == ramp(off, min(size, MiB + 5000 - off))
+            await cache.wait_spilled()
+            return cache.statistics().handed_to_kernel
+
+        assert await read(0, 4096 + 100) == 0  # page 0, and a part of page 1
+        assert await read(4096, MiB - 2 * 4096) == 0  # pages 1 .. 254
+        assert await read(MiB - 100, 100) == 0  # a part of page 255 is not the page
+        assert await read(MiB - 4096, 4096) == 1
+        assert await read(MiB, 4096) == 1  # the tail block's first page of two
+        assert await read(MiB + 4096, 4096) == 2  # its last page is short: the kernel has it
+        assert disk.used == MiB + 5000 and cache.statistics().memory_used == 0
 
 
 async def test_a_block_waiting_for_its_writer_is_served_from_memory(
@@ -105,6 +142,36 @@ async def test_corrupted_disk_block_is_refetched(tmp_path: Path, implementation:
         assert await read_all(core, fh, 4 * MiB) == ramp(0, 4 * MiB)
         assert disk.validation_failures >= 1
         assert core.cache.statistics().lower_bytes > 0
+
+
+@needs_fuse
+def test_the_daemon_lets_go_of_what_the_kernel_page_cache_holds(tmp_path: Path,
+                                                                mount_factory) -> None:
+    src = tmp_path / "tree"
+    src.mkdir()
+    write_ramp(src / "cached.bin", SIZE, seed=5)
+    write_ramp(src / "direct.bin", SIZE, seed=6)
+    m = mount_factory(src)
+    assert (m.mnt / "cached.bin").read_bytes() == ramp(0, SIZE, seed=5)
+    fd = os.open(m.mnt / "direct.bin", os.O_RDONLY | os.O_DIRECT)
+    try:  # O_DIRECT reads bypass the page cache: the daemon must keep its copy
+        buf = mmap.mmap(-1, SIZE + 4096)
+        assert os.preadv(fd, [buf], 0) == SIZE
+        assert buf[:SIZE] == ramp(0, SIZE, seed=6)
+    finally:
+        os.close(fd)
+    for name in ("cached.bin", "direct.bin"):  # both fetched whole; wait for their hashes
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                os.getxattr(m.mnt / name, "user.fusecache.sha256")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"no sha256 for {name}"
+                time.sleep(0.05)
+    stats = m.stats()
+    assert stats["handed_to_kernel"] == -(-SIZE // MiB), "every block of cached.bin"
+    assert stats["memory_used"] == SIZE, "direct.bin's blocks, and none of cached.bin's"
 
 
 @needs_fuse
