@@ -199,10 +199,18 @@ class BlockCache:
         stop = (hi if hi < length else length + page - 1) // page
         if stop <= first:
             return
-        mask = self._kernel_pages.get(key, 0) | (((1 << (stop - first)) - 1) << first)
-        self._kernel_pages[key] = mask
-        if mask == (1 << -(-length // page)) - 1 and key[1] < self._walks.get(key[0], key[1] + 1):
+        self._kernel_pages[key] = self._kernel_pages.get(key, 0) | (
+            ((1 << (stop - first)) - 1) << first)
+        if self._kernel_holds(key, length) and not self._walk_needs(key):
             self._to_disk(key)
+
+    def _kernel_holds(self, key: BlockKey, length: int) -> bool:
+        """Whether the kernel was handed every page of a block of *length* bytes."""
+        return self._kernel_pages.get(key) == (1 << -(-length // self.PAGE)) - 1
+
+    def _walk_needs(self, key: BlockKey) -> bool:
+        """Whether a walk over the block's file has yet to reach it."""
+        return key[0] in self._walks and key[1] >= self._walks[key[0]]
 
     def _to_disk(self, key: BlockKey) -> None:
         """Move a block the kernel holds whole from memory to the disk tier."""
@@ -262,23 +270,18 @@ class BlockCache:
                 # had it, or memory was full). Read it, but do not cache it again.
                 disk_only = (self._disk is not None and not self._held((key, idx))
                              and self._disk.contains(key, idx))
-                await consume(await self._block(f, idx, 0))
+                block = await self._block(f, idx, 0)
+                await consume(block)
                 self._walks[key] = idx + 1
                 if disk_only and self._disk is not None and self._disk.contains(key, idx):
                     self._memory.discard((key, idx))
                     self._kernel_pages.pop((key, idx), None)
-                elif self._kernel_holds((key, idx)):
+                elif (key, idx) in self._memory and self._kernel_holds((key, idx), len(block)):
                     self._to_disk((key, idx))
         finally:
             del self._walks[key]
             if not self._walks:
                 self._walks_ended.set()
-
-    def _kernel_holds(self, key: BlockKey) -> bool:
-        """Whether the kernel was handed every page of a block memory holds."""
-        block = self._memory.get(key) if key in self._kernel_pages else None
-        return block is not None and (
-            self._kernel_pages[key] == (1 << -(-len(block) // self.PAGE)) - 1)
 
     async def fill(self, f: CachedFile, parallel: int) -> None:
         """Fetch from below every block of *f* that is neither held nor coming, in file order.
