@@ -81,6 +81,7 @@ class DiskTier:
         self._digests: dict[Hashable, bytes] = {}
         # Indexed (their space is reserved) but not yet renamed into place.
         self._pending: set[BlockKey] = set()
+        self._made_dirs: set[Path] = set()  # block directories known to exist
         self.validation_failures = 0
         self._load_index(max_bytes)
 
@@ -180,12 +181,15 @@ class DiskTier:
         path = self._path(digest, idx)
         tmp = path.with_name(path.name + TMP_SUFFIX)
         try:
-            path.parent.mkdir(mode=0o700, exist_ok=True)
+            if path.parent not in self._made_dirs:
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                self._made_dirs.add(path.parent)
             direct = self.direct_io and _whole_pages(len(data)) and _page_aligned(data)
             _store(tmp, HEADER.pack(MAGIC, digest, idx, len(data), checksum(data)), data, direct)
             os.rename(tmp, path)
         except OSError as exc:
             log.warning("cannot write disk cache block %s: %s", path, exc)
+            self._made_dirs.discard(path.parent)  # removed under us? made again next time
             with self._lock:
                 self._pending.discard(key)
                 self._index.discard(key)
@@ -254,9 +258,9 @@ def _store(path: Path, header: bytes, data: Block, direct: bool) -> None:
                  | (os.O_DIRECT if direct else 0), 0o600)
     try:
         if direct:
-            with mmap.mmap(-1, DATA_OFFSET) as head:  # page-aligned, as O_DIRECT wants
-                head[: len(header)] = header
-                written = os.writev(fd, [head, data])
+            head = _header_page()
+            head[: len(header)] = header
+            written = os.writev(fd, [head, data])
         else:
             written = os.writev(fd, [header.ljust(DATA_OFFSET, b"\0"), data])
         if written != DATA_OFFSET + len(data):
@@ -266,6 +270,17 @@ def _store(path: Path, header: bytes, data: Block, direct: bool) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+_thread_pages = threading.local()
+
+
+def _header_page() -> mmap.mmap:
+    """This thread's page-aligned DATA_OFFSET bytes (zeros past the header), as O_DIRECT wants."""
+    page: mmap.mmap | None = getattr(_thread_pages, "page", None)
+    if page is None:
+        page = _thread_pages.page = mmap.mmap(-1, DATA_OFFSET)
+    return page
 
 
 def _whole_pages(length: int) -> bool:
