@@ -39,6 +39,16 @@ class UsageError(Exception):
     """Bad input: one line for the user, exit code 2, nothing mounted."""
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, unless its help says it in words or it is an off switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
@@ -77,21 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mount SOURCE (a directory, usually an object-store mount) read-only at "
         "MOUNTPOINT. Returns once the mount answers, leaving a daemon in the background; "
         "fails with one line and exit code 2 on bad input.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     m.add_argument("source", type=Path, help="the directory to cache (e.g. /mnt/oss)")
     m.add_argument("mountpoint", type=Path, help="an empty directory to mount at")
     m.add_argument("-f", "--foreground", action="store_true",
                    help="stay attached and log to stderr instead of starting a daemon")
     m.add_argument("--mem-cache", type=_size, default=None, metavar="SIZE",
-                   help="memory for cached blocks (default: a quarter of the container's "
-                   "memory limit)")
+                   help="most memory for blocks the kernel page cache does not hold yet "
+                   "(read-ahead, whole-file fetches; with --disk-cache 0, every block) "
+                   "(default: a quarter of the container's memory limit)")
     m.add_argument("--cache-dir", type=Path, default=default_cache_dir(), metavar="DIR",
                    help="where the disk cache lives; it persists across remounts")
-    m.add_argument("--disk-cache", type=_size, default=CacheConfig.disk_bytes, metavar="SIZE",
+    m.add_argument("--disk-cache", type=_size, default=format_size(CacheConfig.disk_bytes),
+                   metavar="SIZE",
                    help="most bytes the disk cache may hold (also at most 90%% of the free "
                    "space); 0 turns it off")
-    m.add_argument("--fetch-size", type=_size, default=CacheConfig.fetch_size, metavar="SIZE",
+    m.add_argument("--fetch-size", type=_size, default=format_size(CacheConfig.fetch_size),
+                   metavar="SIZE",
                    help="bytes per read from the lower mount (a multiple of 1 MiB)")
     m.add_argument("--parallel", type=int, default=SourceConfig.readahead_threads, metavar="N",
                    help="read-ahead reads from the lower mount in flight at once")
@@ -106,8 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=ReadaheadConfig.sha256,
                    help="hash files fetched whole and serve the digest as the "
                    "user.fusecache.sha256 xattr (a core-second per 2 GB)")
-    m.add_argument("--allow-other", action=argparse.BooleanOptionalAction,
-                   default=os.geteuid() == 0,
+    m.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None,
                    help="let other users read the mount (default: on when run as root)")
     m.add_argument("--force", action="store_true",
                    help="clear a stale mount left at MOUNTPOINT by a killed daemon")
@@ -122,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "switch, load only on a second) on SOURCE_DIR and through a temporary fusecache mount "
         "over it, and print both. Without SOURCE_DIR, start a local OSS stand-in (an S3 server "
         "on loopback mounted with s3fs, bandwidth-capped) with generated models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     b.add_argument("source", nargs="?", type=Path, default=None, metavar="SOURCE_DIR",
                    help="a directory holding the models (default: the stand-in)")
@@ -202,7 +214,7 @@ def _mount(args: argparse.Namespace) -> int:
                        attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout),
         lower=replace(SourceConfig(), readahead_threads=args.parallel),
         readahead=replace(ReadaheadConfig(), sha256=args.sha256),
-        allow_other=args.allow_other,
+        allow_other=os.geteuid() == 0 if args.allow_other is None else args.allow_other,
     )
     logging.getLogger(__name__).debug("memory cache %s", format_size(mem))
     if args.foreground:
