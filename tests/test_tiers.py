@@ -99,6 +99,28 @@ async def test_a_block_leaves_memory_only_once_the_kernel_holds_every_page(
         assert disk.used == MiB + 5000 and cache.statistics().memory_used == 0
 
 
+async def test_a_whole_file_fetch_leaves_blocks_on_disk_where_they_are(tmp_path: Path) -> None:
+    """After a remount, a hash pass over a file on disk fires read-once; its fill must not
+    copy the rest of the file from disk into memory ahead of any reader."""
+    size = 96 * MiB  # under half the memory cache: read-once fetches it whole
+    (tmp_path / "src").mkdir()
+    write_ramp(tmp_path / "src" / "f", size)
+    async with make_core(tmp_path, 256 * MiB, DiskTier(tmp_path / "cache", 1 << 30)) as core:
+        fh = await open_file(core, b"f")
+        assert await read_all(core, fh, size) == ramp(0, size)
+        await core.cache.wait_idle()
+        await core.cache.wait_spilled()
+    async with make_core(tmp_path, 256 * MiB, DiskTier(tmp_path / "cache", 1 << 30)) as core:
+        fh = await open_file(core, b"f")
+        for off in range(0, 17 * MiB, MiB):  # past whole_file_after: a hash pass begins
+            assert bytes(await core.read(fh, off, MiB)) == ramp(off, MiB)
+        await core.cache.wait_idle()
+        stats = core.cache.statistics()
+        assert stats.lower_bytes == 0
+        # Read-ahead reaches 24 MiB past the reader; the rest of the file stays on disk.
+        assert stats.memory_used <= 17 * MiB + 24 * MiB, "the fill copied disk blocks"
+
+
 async def test_a_block_waiting_for_its_writer_is_served_from_memory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
