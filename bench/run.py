@@ -39,6 +39,10 @@ class CaseResult:
     # stall for memory (the stand-in's server keeps its own copy of every model
     # in the page cache, which a real OSS does not).
     direct_reclaim_second: int = 0
+    # Bytes the kernel's DAMON schemes paged out during the second switches: some
+    # VMs (this one: pages idle 60 s, up to 128 MiB/s) reclaim cold page cache
+    # proactively, and a page paged out is a page a second switch reads again.
+    proactive_reclaim_second: int = 0
 
     def total(self, attr: str) -> float:
         return sum(getattr(s, attr) or 0 for s in self.switches)
@@ -187,14 +191,31 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
         progress(f"{name}: first switch {i}/{len(names)} {model} {r.first_s:.2f} s")
         case.switches.append(r)
     served_before = _daemon_served(daemon) if daemon else 0
-    reclaim_before = direct_reclaim()
+    reclaim_before, proactive_before = direct_reclaim(), proactive_reclaim()
     for i, r in enumerate(case.switches, 1):
         r.second_s, r.second_lower_bytes = _timed(workload.second_switch, root / r.model, counter)
         progress(f"{name}: second switch {i}/{len(names)} {r.model} {r.second_s:.2f} s")
     if daemon:
         case.daemon_served_second = _daemon_served(daemon) - served_before
     case.direct_reclaim_second = direct_reclaim() - reclaim_before
+    case.proactive_reclaim_second = proactive_reclaim() - proactive_before
     return case
+
+
+DAMON = Path("/sys/kernel/mm/damon/admin/kdamonds")
+
+
+def proactive_reclaim() -> int:
+    """Bytes DAMON schemes have applied their action to since they started (0 without DAMON)."""
+    total = 0
+    for kdamond in DAMON.glob("[0-9]*"):
+        try:  # the counters are refreshed on request
+            (kdamond / "state").write_text("update_schemes_stats\n")
+        except OSError:
+            continue
+        for applied in kdamond.glob("contexts/*/schemes/*/stats/sz_applied"):
+            total += int(applied.read_text())
+    return total
 
 
 def direct_reclaim() -> int:
@@ -302,7 +323,10 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
         f"{_mb(cases[1].total('size') or None)} MB; the kernel page cache the rest"
         f"\ndirect reclaim during second switches (MB of pages scanned): " + ", ".join(
             f"{c.name} {_mb(c.direct_reclaim_second * os.sysconf('SC_PAGE_SIZE'))}"
-            for c in cases))
+            for c in cases)
+        + "; paged out by DAMON (the VM's proactive reclaim): " + ", ".join(
+            f"{c.name} {_mb(c.proactive_reclaim_second)}"
+            for c in [*([ideal.local] if ideal else []), *cases]))
     if ideal is not None:
         table += "\n" + format_ideal(cases[1], ideal)
     print(table)
@@ -313,6 +337,7 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
         "scale": scale,
         "cases": [{"name": c.name, "daemon_served_second": c.daemon_served_second,
                    "direct_reclaim_second": c.direct_reclaim_second,
+                   "proactive_reclaim_second": c.proactive_reclaim_second,
                    "switches": [asdict(s) for s in c.switches]} for c in cases],
         "daemon_statistics": daemon,
         "ideal": None if ideal is None else {**asdict(ideal), "first_s": ideal.first_s,
