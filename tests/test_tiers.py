@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import threading
@@ -143,6 +144,30 @@ async def test_a_block_waiting_for_its_writer_is_served_from_memory(
         gate.set()
         with trio.fail_after(20):
             await core.cache.wait_spilled()
+
+
+async def test_the_unmount_flush_stops_at_its_deadline_with_whole_blocks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fusecache.blockcache")
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    real_write = disk.write
+
+    def slow_write(*args: object) -> bool:
+        time.sleep(0.2)  # a disk far slower than the deadline allows
+        return real_write(*args)  # type: ignore[arg-type]
+
+    async with make_core(tmp_path, 64 * MiB, disk) as core:
+        # O_DIRECT: memory keeps every block, so the flush has all of them to write.
+        await read_settled(tmp_path, core, os.O_RDONLY | os.O_DIRECT)
+        monkeypatch.setattr(disk, "write", slow_write)
+        start = time.monotonic()
+        with trio.move_on_after(0.3):  # what mount.serve does with flush_on_unmount
+            await core.cache.flush_to_disk()
+        assert time.monotonic() - start < 2, "the flush must not outlive its deadline by much"
+    assert 0 < disk.used < SIZE, "some blocks written, not all"
+    assert any("held in memory to the disk cache" in r.getMessage() for r in caplog.records)
+    again = DiskTier(tmp_path / "cache", 1 << 30)  # what was written reads back whole
+    assert again.used == disk.used and again.validation_failures == 0
 
 
 async def test_corrupted_disk_block_is_refetched(tmp_path: Path, implementation: str) -> None:
