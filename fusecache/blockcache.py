@@ -171,16 +171,15 @@ class BlockCache:
             return b""
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
+        spans = [(idx, max(offset - idx * bs, 0), min(end - idx * bs, bs))
+                 for idx in range(first, last + 1)]
         parts = []
-        for idx in range(first, last + 1):
-            lo = max(offset - idx * bs, 0)
-            hi = min(end - idx * bs, bs)
+        for idx, lo, hi in spans:
             block = await self._block(f, idx, hi - lo)
             parts.append(memoryview(block)[lo:hi])
         if kept and self._disk is not None:
-            for idx in range(first, last + 1):
-                self._served((f.key, idx), max(offset - idx * bs, 0),
-                             min(end - idx * bs, bs), min(bs, f.size - idx * bs))
+            for idx, lo, hi in spans:
+                self._served((f.key, idx), lo, hi, min(bs, f.size - idx * bs))
         return parts[0] if len(parts) == 1 else self._pool.join(parts)
 
     def _served(self, key: BlockKey, lo: int, hi: int, length: int) -> None:
