@@ -92,7 +92,7 @@ def measure_ideal(plain_root: Path, local_root: Path, names: list[str]) -> Ideal
         best = max(best, got / (time.perf_counter() - t0))
     progress(f"plain mount, 4 readers: {best / 1e6:,.0f} MB/s over {largest}")
     for name in names:  # the local case's files in the page cache, as after a first switch
-        workload.read_range(local_root / name, 0, (local_root / name).stat().st_size)
+        workload.read_whole(local_root / name)
     return Ideal(best, run_case("local", local_root, names, lambda: None))
 
 
@@ -100,7 +100,7 @@ def local_loads(local_root: Path, names: list[str]) -> float:
     """Seconds to load every model from a local file already in the page cache."""
     total = 0.0
     for name in names:
-        workload.read_range(local_root / name, 0, (local_root / name).stat().st_size)  # warm
+        workload.read_whole(local_root / name)  # warm
         t0 = time.perf_counter()
         workload.second_switch(local_root / name)
         total += time.perf_counter() - t0

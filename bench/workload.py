@@ -34,6 +34,11 @@ def read_range(path: Path, start: int, stop: int) -> int:
         os.close(fd)
 
 
+def read_whole(path: Path) -> int:
+    """Read all of *path* in CHUNK preads; return how many bytes arrived."""
+    return read_range(path, 0, path.stat().st_size)
+
+
 def read_parallel(path: Path, readers: int) -> int:
     """Read the whole file with *readers* threads, each taking one consecutive share."""
     size = path.stat().st_size
