@@ -252,12 +252,15 @@ class BlockCache:
     def block_count(self, f: CachedFile) -> int:
         return -(-f.size // self.block_size)
 
-    async def walk(self, f: CachedFile, consume: Callable[[Block], Awaitable[object]]) -> None:
+    async def walk(self, f: CachedFile, consume: Callable[[Block], Awaitable[object]],
+                   ahead: int = 0) -> None:
         """Hand every block of *f* to *consume*, in file order, for the daemon's own use.
 
         Not counted as served: only replies to readers are. A walk behind the
         kernel's reader keeps the blocks it has yet to reach in memory, so it does
         not read back from disk what the kernel was handed moments ago.
+        With *ahead*, the walk keeps fetches from below going that many blocks
+        ahead of itself (when nothing else, such as a fill, fetches the file).
         """
         key = f.key
         if self._walks_ended.is_set():
@@ -265,6 +268,9 @@ class BlockCache:
         try:
             for idx in range(self.block_count(f)):
                 self._walks[key] = idx
+                if ahead:
+                    bs = self.block_size
+                    self.prefetch(f, (idx + 1) * bs, (idx + 1 + ahead) * bs, from_disk=False)
                 # On disk alone: it left memory before the walk began (the kernel
                 # had it, or memory was full). Read it, but do not cache it again.
                 disk_only = (self._disk is not None and not self._held((key, idx))
@@ -331,13 +337,16 @@ class BlockCache:
     def capacity(self) -> int:
         return self._memory.capacity
 
-    def prefetch(self, f: CachedFile, start: int, end: int) -> None:
-        """Start fetching the blocks of bytes [start, end) that are neither cached nor coming."""
+    def prefetch(self, f: CachedFile, start: int, end: int, from_disk: bool = True) -> None:
+        """Start fetching the blocks of bytes [start, end) that are neither cached nor coming.
+
+        Without *from_disk*, blocks on disk are left there.
+        """
         bs = self.block_size
         idx, last = start // bs, (min(end, f.size) - 1) // bs
         while idx <= last:
             started = self.start_fetch(f, idx, min(self.fetch_blocks, last - idx + 1),
-                                       readahead=True)
+                                       readahead=True, from_disk=from_disk)
             idx += max(started, 1)
 
     def start_fetch(self, f: CachedFile, first: int, count: int, readahead: bool = False,

@@ -135,10 +135,12 @@ class ReadaheadConfig:
     # safetensors header, then tensors faulted in through mmap). Eight scattered
     # reads is a loader at work, not a tool peeking at a header.
     whole_file_scattered_reads: int = 8
-    # Hash a file while it is fetched whole, for the user.fusecache.sha256 xattr.
-    # It costs a core-second per 2 GB in a worker thread: free on a GPU host's
-    # many cores, about 10% of a first switch on a 2-core box that is CPU-bound.
-    sha256: bool = True
+    # Also hash every file fetched whole as it streams, so the user.fusecache.sha256
+    # xattr answers at once. Off: the xattr hashes a file when first asked, from
+    # the cache (fetching what is missing, once), and only a tool that asks pays.
+    # Hashing everything costs 0.6 CPU-s per GB, 5-8% of a cold stream on a 2-core
+    # box that is CPU-bound (seq-1: 295-311 MB/s on, 305-325 off).
+    sha256: bool = False
 
 
 @dataclass(frozen=True)

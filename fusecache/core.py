@@ -122,6 +122,7 @@ class FilesystemCore:
         self._open_files: dict[int, LowerFile] = {}  # ino -> newest open version
         self._interest: dict[Hashable, FileInterest] = {}  # by file version
         self._sha256: dict[Hashable, str] = {}  # by file version
+        self._hashing: dict[Hashable, trio.Event] = {}  # by file version: set when it ends
         self._handles: dict[int, Handle] = {}
         self._dir_listings: dict[int, list[tuple[bytes, Attr]]] = {}
         self._next_fh = count(1)
@@ -229,10 +230,7 @@ class FilesystemCore:
         if ino == ROOT_INODE and name == STATS_XATTR:
             return json.dumps(self.statistics()).encode()
         if name == SHA256_XATTR:
-            digest = await self._known_sha256(ino)
-            if digest is None:
-                raise FsError(errno.ENODATA)
-            return digest.encode()
+            return (await self._sha256_of(ino)).encode()
         return await self.source.getxattr(self.path_of(ino), name)
 
     async def listxattr(self, ino: int) -> list[bytes]:
@@ -251,6 +249,28 @@ class FilesystemCore:
             return None
         return self._sha256[lower.key]
 
+    async def _sha256_of(self, ino: int) -> str:
+        """The sha256 of the file as the lower mount has it now, hashing it if nobody has.
+
+        The hash reads the file through the cache, so what it fetches from below
+        is fetched once and stays for the readers that follow.
+        """
+        if ino not in self._version:  # only regular files have their version noted
+            raise FsError(errno.ENODATA)
+        f, _ = await self._open_lower(ino)
+        try:
+            if f.key not in self._sha256:
+                hashing = self._hashing.get(f.key)
+                if hashing is None:
+                    hashing = self._start_hash(f, fill=True)
+                await hashing.wait()
+            digest = self._sha256.get(f.key)
+            if digest is None:
+                raise FsError(errno.EIO, f"{f.display}: could not be read to hash it")
+            return digest
+        finally:
+            f.unpin()
+
     # --- files ------------------------------------------------------------
 
     async def open(self, ino: int, flags: int) -> tuple[int, bool]:
@@ -261,6 +281,21 @@ class FilesystemCore:
         """
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise FsError(errno.EROFS)
+        lower, changed = await self._open_lower(ino)
+        fh = next(self._next_fh)
+        # Read-ahead reaches only as far as the cache can hold blocks for a reader
+        # that has not come yet, even when the file is bigger than the cache.
+        stream = SequentialStream(self.readahead, self.cache.readahead_reach,
+                                  unit=self.cache.fetch_blocks * self.cache.block_size)
+        self._handles[fh] = Handle(ino, lower, stream, kernel_keeps=not flags & os.O_DIRECT)
+        return fh, not changed
+
+    async def _open_lower(self, ino: int) -> tuple[LowerFile, bool]:
+        """The lower file as the lower mount has it now, pinned for the caller.
+
+        Also says whether it changed since it was last opened; the old
+        version's blocks, interest and digest are dropped then.
+        """
         fd, ident = await self.source.open(self.path_of(ino))
         self._note_version(ino, ident.size, ident.mtime_ns)
         current = self._open_files.get(ino)
@@ -275,17 +310,10 @@ class FilesystemCore:
         if current is not None and not current.closed and not changed:
             current.pin()
             self._nursery.start_soon(self.source.close, fd)
-            lower = current
-        else:
-            lower = LowerFile(fd, ident, self.source, self._nursery)
-            self._open_files[ino] = lower
-        fh = next(self._next_fh)
-        # Read-ahead reaches only as far as the cache can hold blocks for a reader
-        # that has not come yet, even when the file is bigger than the cache.
-        stream = SequentialStream(self.readahead, self.cache.readahead_reach,
-                                  unit=self.cache.fetch_blocks * self.cache.block_size)
-        self._handles[fh] = Handle(ino, lower, stream, kernel_keeps=not flags & os.O_DIRECT)
-        return fh, not changed
+            return current, False
+        lower = LowerFile(fd, ident, self.source, self._nursery)
+        self._open_files[ino] = lower
+        return lower, changed
 
     async def read(self, fh: int, offset: int, size: int) -> Block:
         handle = self._handle(fh)
@@ -302,25 +330,44 @@ class FilesystemCore:
         return await self.cache.read(f, offset, size, kept=handle.kernel_keeps)
 
     def _fetch_whole(self, f: LowerFile) -> None:
-        """The read-once rule: fetch the rest of a wanted file now, and hash it on the way.
+        """The read-once rule: fetch the rest of a wanted file now (and hash it, if so set).
 
         Only files that fit in half the memory cache: a bigger one would evict
         its own head (or other files) before the next pass reads it.
         """
-        if f.size > self.cache.capacity // 2:
+        if not self._fits_whole(f):
             log.debug("%s: too big to fetch whole (%d bytes)", f.display, f.size)
             return
         log.debug("%s: fetching the whole file", f.display)
         f.pin()  # released by the fill
         self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel)
-        if self.readahead.sha256:
-            f.pin()  # released by the hash
-            self._nursery.start_soon(self._hash, f)
+        if self.readahead.sha256 and f.key not in self._sha256 and f.key not in self._hashing:
+            self._start_hash(f, fill=False)
 
-    async def _hash(self, f: LowerFile) -> None:
+    def _fits_whole(self, f: LowerFile) -> bool:
+        return f.size <= self.cache.capacity // 2
+
+    def _start_hash(self, f: LowerFile, fill: bool) -> trio.Event:
+        """Start hashing *f* for SHA256_XATTR; the event is set when it ends, well or not.
+
+        With *fill*, a file that fits is also fetched whole, in parallel, for the
+        hash to follow; a bigger one is read ahead of the hash as it goes.
+        """
+        done = self._hashing[f.key] = trio.Event()
+        ahead = 0
+        if fill and self._fits_whole(f):
+            f.pin()  # released by the fill
+            self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel)
+        elif fill:
+            ahead = self.cache.fetch_blocks * self.source.readahead_parallel
+        f.pin()  # released by the hash
+        self._nursery.start_soon(self._hash, f, ahead, done)
+        return done
+
+    async def _hash(self, f: LowerFile, ahead: int, done: trio.Event) -> None:
         """sha256 of *f* from its cached blocks, in file order, for SHA256_XATTR.
 
-        Releases the pin the caller took for it.
+        Releases the pin the caller took for it, and sets *done* at the end.
         """
         h = hashlib.sha256()
 
@@ -328,14 +375,17 @@ class FilesystemCore:
             await trio.to_thread.run_sync(h.update, block)
 
         try:
-            await self.cache.walk(f, update)
+            await self.cache.walk(f, update, ahead=ahead)
         except LowerError as exc:
             log.warning("%s: no sha256: %s", f.display, exc)
             return
+        else:
+            self._sha256[f.key] = h.hexdigest()
+            log.info("%s: sha256 %s", f.display, self._sha256[f.key])
         finally:
             f.unpin()
-        self._sha256[f.key] = h.hexdigest()
-        log.info("%s: sha256 %s", f.display, self._sha256[f.key])
+            del self._hashing[f.key]
+            done.set()
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

@@ -7,7 +7,6 @@ import hashlib
 import mmap
 import os
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -26,50 +25,89 @@ from tests.test_mount import drop_kernel_cache
 SIZE = 24 * MiB + 4321  # under half the core fixture's 64 MiB memory cache
 
 
-async def _wait_for_sha(core: FilesystemCore, ino: int) -> bytes:
-    with trio.fail_after(20):
-        while True:
-            try:
-                return await core.getxattr(ino, SHA256_XATTR)
-            except FsError as exc:
-                assert exc.errno == errno.ENODATA
-                await trio.sleep(0.01)
-
-
-async def test_sequential_head_fetches_the_rest_and_hashes_it(core: FilesystemCore) -> None:
+async def test_sequential_head_fetches_the_rest(core: FilesystemCore) -> None:
     write_ramp(src_of(core) + "/m", SIZE)
     fh = await open_file(core, b"m")
-    ino = (await core.lookup(1, b"m")).ino
-    with pytest.raises(FsError):  # not known before the file was streamed
-        await core.getxattr(ino, SHA256_XATTR)
     for off in range(0, 17 * MiB, MiB):  # a hash pass, stopped early
         await core.read(fh, off, MiB)
     core.release(fh)  # every handle closed: the fill goes on
-    digest = await _wait_for_sha(core, ino)
-    assert digest.decode() == hashlib.sha256(ramp(0, SIZE)).hexdigest()
-    assert SHA256_XATTR in await core.listxattr(ino)
+    with trio.fail_after(20):
+        while core.cache.statistics().lower_bytes < SIZE:  # noqa: ASYNC110 - the fill runs on
+            await trio.sleep(0.01)
     await core.cache.wait_idle()
     stats = core.cache.statistics()
     assert stats.lower_bytes == SIZE, "each byte crosses once"
     served = stats.served_memory + stats.served_disk + stats.served_lower
-    assert served == 17 * MiB, "served counts replies to readers, not the daemon's hashing"
+    assert served == 17 * MiB, "served counts replies to readers, not the daemon's fill"
+    ino = (await core.lookup(1, b"m")).ino
+    assert SHA256_XATTR not in await core.listxattr(ino), "hashed only when asked"
 
 
-async def test_without_sha256_the_file_is_still_fetched_whole(core: FilesystemCore) -> None:
-    core.readahead = ReadaheadConfig(sha256=False)  # `fusecache mount --no-sha256`
+async def test_sha256_asked_of_a_cold_file_fetches_it_once_for_the_readers_after(
+        core: FilesystemCore) -> None:
+    write_ramp(src_of(core) + "/m", SIZE)
+    ino = (await core.lookup(1, b"m")).ino
+    with trio.fail_after(20):
+        digest = await core.getxattr(ino, SHA256_XATTR)
+    assert digest.decode() == hashlib.sha256(ramp(0, SIZE)).hexdigest()
+    assert SHA256_XATTR in await core.listxattr(ino)
+    await core.cache.wait_idle()
+    assert core.cache.statistics().lower_bytes == SIZE
+    fh = await open_file(core, b"m")  # the load the tool then does comes from the cache
+    for off in range(0, SIZE, MiB):
+        assert bytes(await core.read(fh, off, MiB)) == ramp(off, min(MiB, SIZE - off))
+    assert core.cache.statistics().lower_bytes == SIZE
+    assert await core.getxattr(ino, SHA256_XATTR) == digest, "known now: answered at once"
+
+
+async def test_sha256_of_a_file_bigger_than_the_fill_takes(core: FilesystemCore) -> None:
+    size = 40 * MiB + 7  # over half the 64 MiB memory cache: no fill, the hash reads ahead
+    write_ramp(src_of(core) + "/m", size)
+    ino = (await core.lookup(1, b"m")).ino
+    with trio.fail_after(20):
+        digest = await core.getxattr(ino, SHA256_XATTR)
+    assert digest.decode() == hashlib.sha256(ramp(0, size)).hexdigest()
+    assert core.cache.statistics().lower_reads < size // MiB, "fetched in units, not block by block"
+
+
+async def test_two_askers_share_one_hash(core: FilesystemCore) -> None:
+    write_ramp(src_of(core) + "/m", SIZE)
+    ino = (await core.lookup(1, b"m")).ino
+    got = []
+
+    async def ask() -> None:
+        got.append(await core.getxattr(ino, SHA256_XATTR))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            nursery.start_soon(ask)
+    assert got[0] == got[1] == hashlib.sha256(ramp(0, SIZE)).hexdigest().encode()
+    await core.cache.wait_idle()
+    assert core.cache.statistics().lower_bytes == SIZE
+
+
+async def test_with_sha256_on_the_fill_hashes_as_it_streams(core: FilesystemCore) -> None:
+    core.readahead = ReadaheadConfig(sha256=True)  # `fusecache mount --sha256`
     write_ramp(src_of(core) + "/m", SIZE)
     fh = await open_file(core, b"m")
     for off in range(0, 17 * MiB, MiB):
         await core.read(fh, off, MiB)
     core.release(fh)
+    ino = (await core.lookup(1, b"m")).ino
     with trio.fail_after(20):
-        while core.cache.statistics().lower_bytes < SIZE:  # noqa: ASYNC110 - the fill runs on
-            await trio.sleep(0.01)
-    await core.cache.wait_idle()
-    assert core.cache.statistics().lower_bytes == SIZE
-    with pytest.raises(FsError) as exc:
-        await core.getxattr((await core.lookup(1, b"m")).ino, SHA256_XATTR)
-    assert exc.value.errno == errno.ENODATA
+        await core.cache.wait_idle()  # the fill and the walk that hashes behind it
+    assert SHA256_XATTR in await core.listxattr(ino), "known without being asked"
+    assert (await core.getxattr(ino, SHA256_XATTR)).decode() == hashlib.sha256(
+        ramp(0, SIZE)).hexdigest()
+
+
+async def test_sha256_of_a_directory_is_no_data(core: FilesystemCore) -> None:
+    os.mkdir(src_of(core) + "/d")
+    ino = (await core.lookup(1, b"d")).ino
+    with pytest.raises(FsError) as info:
+        await core.getxattr(ino, SHA256_XATTR)
+    assert info.value.errno == errno.ENODATA
 
 
 async def test_header_then_scattered_reads_fetch_the_rest(core: FilesystemCore) -> None:
@@ -78,7 +116,7 @@ async def test_header_then_scattered_reads_fetch_the_rest(core: FilesystemCore) 
     await core.read(fh, 0, 8)
     for off in random.Random(1).sample(range(MiB, SIZE - 4096, 4096), 8):
         assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
-    await _wait_for_sha(core, (await core.lookup(1, b"m")).ino)
+    await core.getxattr((await core.lookup(1, b"m")).ino, SHA256_XATTR)
     await core.cache.wait_idle()
     assert core.cache.statistics().lower_bytes == SIZE
 
@@ -93,18 +131,16 @@ async def test_files_too_big_for_memory_are_not_fetched_whole(core: FilesystemCo
     assert core.cache.statistics().lower_bytes < size
 
 
-async def test_changed_file_loses_its_sha256(core: FilesystemCore) -> None:
+async def test_changed_file_gets_the_new_sha256(core: FilesystemCore) -> None:
     write_ramp(src_of(core) + "/m", SIZE)
-    fh = await open_file(core, b"m")
-    for off in range(0, 17 * MiB, MiB):
-        await core.read(fh, off, MiB)
     ino = (await core.lookup(1, b"m")).ino
-    await _wait_for_sha(core, ino)
+    with trio.fail_after(20):
+        await core.getxattr(ino, SHA256_XATTR)
     write_ramp(src_of(core) + "/m", SIZE, seed=9)
     os.utime(src_of(core) + "/m", ns=(1, 1))
-    with pytest.raises(FsError) as info:
-        await core.getxattr(ino, SHA256_XATTR)
-    assert info.value.errno == errno.ENODATA
+    with trio.fail_after(20):
+        digest = await core.getxattr(ino, SHA256_XATTR)
+    assert digest.decode() == hashlib.sha256(ramp(0, SIZE, seed=9)).hexdigest()
 
 
 # --- through the kernel ---
@@ -135,15 +171,8 @@ def test_hash_then_load_reads_each_block_from_below_once(tmp_path: Path, mount_f
         assert hashlib.file_digest(f, "sha256").hexdigest() == hashlib.sha256(want).hexdigest()
     drop_kernel_cache(path)  # the load must not be served by the kernel's pages alone
     assert _tensor_order_mmap_load(path, size) == want
-    deadline = time.monotonic() + 20
-    while True:  # the daemon hashes behind the fill
-        try:
-            digest = os.getxattr(path, SHA256_XATTR).decode()
-            break
-        except OSError as exc:
-            assert exc.errno == errno.ENODATA and time.monotonic() < deadline
-            time.sleep(0.05)
-    assert digest == hashlib.sha256(want).hexdigest()
+    # Asked now, the daemon hashes the file from its cache: nothing more from below.
+    assert os.getxattr(path, SHA256_XATTR).decode() == hashlib.sha256(want).hexdigest()
     stats = m.stats()
     assert stats["lower_bytes"] == size, "hash then load: every block crosses once"
 
