@@ -52,7 +52,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
     disk = None
     if config.cache.cache_dir is not None and config.cache.disk_bytes > 0:
         try:
-            disk = DiskTier(config.cache.cache_dir, config.cache.disk_bytes)
+            disk = DiskTier(config.cache.cache_dir, config.cache.disk_bytes,
+                            block_size=config.cache.block_size)
         except OSError as exc:
             raise MountError(f"cannot use cache dir {config.cache.cache_dir}: {exc}") from None
     async with trio.open_nursery() as nursery:

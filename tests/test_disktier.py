@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from fusecache import disktier
 from fusecache.blockio import BlockPool
-from fusecache.disktier import DATA_OFFSET, FORMAT, DiskTier
+from fusecache.disktier import DATA_OFFSET, FORMAT, UNIT, DiskTier
 from tests.ramp import ramp
 
 KEY = (b"models/a.safetensors", 3 << 20, 123456789, 42)
@@ -26,14 +27,28 @@ def load(tier: DiskTier, pool: BlockPool, key: tuple[object, ...], idx: int,
     return None if data is None else bytes(data)
 
 
+def tier_at(root: Path, max_bytes: int = 1 << 30) -> DiskTier:
+    return DiskTier(root, max_bytes, block_size=BLOCK)
+
+
 def block_files(root: Path) -> list[Path]:
     return sorted(root.glob(f"{FORMAT}/*/*.blk"))
 
 
+def slot(idx: int) -> int:
+    """Where block *idx*'s slot starts in its unit's file."""
+    return idx % UNIT * (DATA_OFFSET + BLOCK)
+
+
+def data_bytes(path: Path) -> int:
+    """Bytes a file holds on disk (holes excluded)."""
+    return os.stat(path).st_blocks * 512
+
+
 def test_round_trip_and_persistence(tmp_path: Path, pool: BlockPool) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier = tier_at(tmp_path / "c")
     assert tier.write(KEY, 0, block(0)) and tier.write(KEY, 1, block(1))
-    again = DiskTier(tmp_path / "c", 1 << 30)
+    again = tier_at(tmp_path / "c")
     assert again.contains(KEY, 1)
     assert load(again, pool, KEY, 0) == block(0)
     assert load(again, pool, KEY, 1) == block(1)
@@ -41,58 +56,95 @@ def test_round_trip_and_persistence(tmp_path: Path, pool: BlockPool) -> None:
 
 
 def test_other_identity_is_a_miss(tmp_path: Path, pool: BlockPool) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier = tier_at(tmp_path / "c")
     tier.write(KEY, 0, block(0))
     changed = (KEY[0], KEY[1], KEY[2] + 1, KEY[3])
     assert load(tier, pool, changed, 0) is None
     assert load(tier, pool, KEY, 0, BLOCK + 1) is None, "a wrong length must not pass"
 
 
-def test_corrupt_or_truncated_blocks_are_misses_and_removed(tmp_path: Path, pool: BlockPool
-                                                            ) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+def test_corrupt_or_torn_blocks_are_misses_and_punched_out(tmp_path: Path, pool: BlockPool
+                                                          ) -> None:
+    tier = tier_at(tmp_path / "c")
     for i in range(4):
         tier.write(KEY, i, block(i))
-    files = block_files(tmp_path / "c")
-    with open(files[0], "r+b") as f:  # flip one data byte
-        f.seek(DATA_OFFSET + 100)
+    [path] = block_files(tmp_path / "c")  # one unit holds all four
+    with open(path, "r+b") as f:
+        f.seek(slot(0) + DATA_OFFSET + 100)  # flip one data byte
         byte = f.read(1)
-        f.seek(DATA_OFFSET + 100)
+        f.seek(slot(0) + DATA_OFFSET + 100)
         f.write(bytes([byte[0] ^ 1]))
-    os.truncate(files[1], DATA_OFFSET + BLOCK // 2)
-    os.truncate(files[2], 10)
+        f.seek(slot(1) + DATA_OFFSET + BLOCK // 2)  # a write torn halfway: zeros after
+        f.write(bytes(BLOCK // 2))
+        f.seek(slot(2))  # a header never written
+        f.write(bytes(DATA_OFFSET))
+    before = data_bytes(path)
     results = [load(tier, pool, KEY, i) for i in range(4)]
     assert results[:3] == [None, None, None]
     assert results[3] == block(3)
     assert tier.validation_failures == 3
-    assert len(block_files(tmp_path / "c")) == 1
     assert not tier.contains(KEY, 0)
+    assert data_bytes(path) == before - 3 * (DATA_OFFSET + BLOCK), "three slots punched out"
+    assert load(tier, pool, KEY, 3) == block(3)
 
 
-def test_half_written_files_are_dropped_on_start(tmp_path: Path) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+def test_a_file_cut_short_is_a_miss(tmp_path: Path, pool: BlockPool) -> None:
+    tier = tier_at(tmp_path / "c")
     tier.write(KEY, 0, block(0))
-    path = block_files(tmp_path / "c")[0]
-    tmp = path.with_name("1.blk.tmp")  # what a kill -9 mid-write leaves
-    tmp.write_bytes(path.read_bytes()[: DATA_OFFSET + 10])
-    again = DiskTier(tmp_path / "c", 1 << 30)
-    assert not tmp.exists()
-    assert not again.contains(KEY, 1)
+    tier.write(KEY, 1, block(1))
+    [path] = block_files(tmp_path / "c")
+    os.truncate(path, slot(1) + DATA_OFFSET + 10)
+    assert load(tier, pool, KEY, 1) is None
+    assert load(tier, pool, KEY, 0) == block(0)
 
 
-def test_size_bound_evicts_lru_and_deletes_files(tmp_path: Path) -> None:
-    tier = DiskTier(tmp_path / "c", 3 * BLOCK)
+def test_a_restart_indexes_the_slots_written_and_not_the_holes(tmp_path: Path, pool: BlockPool
+                                                                ) -> None:
+    tier = tier_at(tmp_path / "c")
+    for i in (0, 2, 3, UNIT + 1):  # two units, with holes
+        tier.write(KEY, i, block(i))
+    tail = ramp(0, 1000)
+    tier.write(KEY, 2 * UNIT, tail)  # a short last block
+    again = tier_at(tmp_path / "c")
+    assert [i for i in range(3 * UNIT) if again.contains(KEY, i)] == [0, 2, 3, UNIT + 1, 2 * UNIT]
+    assert again.used == tier.used, "sizes from the extents (the last one ends at the end of file)"
+    for i in (0, 2, 3, UNIT + 1):
+        assert load(again, pool, KEY, i) == block(i)
+    assert load(again, pool, KEY, 2 * UNIT, 1000) == tail
+    assert load(again, pool, KEY, 1) is None
+
+
+def test_a_block_torn_by_a_crash_is_a_miss_after_restart(tmp_path: Path, pool: BlockPool
+                                                          ) -> None:
+    tier = tier_at(tmp_path / "c")
+    tier.write(KEY, 0, block(0))
+    [path] = block_files(tmp_path / "c")
+    with open(path, "r+b") as f:  # what a kill -9 mid-write of block 1 leaves
+        f.seek(slot(1))
+        f.write(bytes(DATA_OFFSET + 10))
+    again = tier_at(tmp_path / "c")
+    assert again.contains(KEY, 1)  # its slot holds data...
+    assert load(again, pool, KEY, 1) is None  # ...that fails its checks
+    assert again.validation_failures == 1 and not again.contains(KEY, 1)
+    assert load(again, pool, KEY, 0) == block(0)
+
+
+def test_size_bound_evicts_lru_and_frees_the_space(tmp_path: Path) -> None:
+    tier = tier_at(tmp_path / "c", 3 * BLOCK)
     other = (b"other", 1, 1, 1)
     for i in range(3):
         tier.write(other, i, block(i))
     tier.write(KEY, 0, block(0))
     assert tier.used <= 3 * BLOCK
-    assert len(block_files(tmp_path / "c")) == 3
     assert not tier.contains(other, 0)
+    assert sum(data_bytes(p) for p in block_files(tmp_path / "c")) == 3 * (DATA_OFFSET + BLOCK)
+    for i in (1, 2, 3):  # the rest of other's unit goes: its file with it
+        tier.write(KEY, i, block(i))
+    assert len(block_files(tmp_path / "c")) == 1
 
 
 def test_permissions(tmp_path: Path) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier = tier_at(tmp_path / "c")
     tier.write(KEY, 0, block(0))
     assert stat.S_IMODE(os.stat(tmp_path / "c").st_mode) == 0o700
     path = block_files(tmp_path / "c")[0]
@@ -101,7 +153,7 @@ def test_permissions(tmp_path: Path) -> None:
 
 
 def test_discard_file(tmp_path: Path) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier = tier_at(tmp_path / "c")
     tier.write(KEY, 0, block(0))
     tier.write(KEY, 1, block(1))
     tier.discard_file(KEY)
@@ -111,30 +163,31 @@ def test_discard_file(tmp_path: Path) -> None:
 def test_a_block_being_written_is_invisible_until_whole(
         tmp_path: Path, pool: BlockPool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression: readers found a block in the index before its file was in place."""
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier = tier_at(tmp_path / "c")
     seen = []
-    real_rename = os.rename
+    real_store = disktier._store
 
-    def rename_after_looking(src: Path, dst: Path) -> None:
+    def store_after_looking(*args: object) -> None:
         seen.append((tier.contains(KEY, 0), load(tier, pool, KEY, 0)))
-        real_rename(src, dst)
+        real_store(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("fusecache.disktier.os.rename", rename_after_looking)
+    monkeypatch.setattr("fusecache.disktier._store", store_after_looking)
     assert tier.write(KEY, 0, block(0))
     assert seen == [(False, None)] and tier.validation_failures == 0
     assert tier.contains(KEY, 0) and load(tier, pool, KEY, 0) == block(0)
 
 
-def test_a_block_discarded_while_being_written_leaves_no_file(
+def test_a_block_discarded_while_being_written_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
-    real_rename = os.rename
+    tier = tier_at(tmp_path / "c")
+    tier.write(KEY, 1, block(1))
+    real_store = disktier._store
 
-    def rename_after_discard(src: Path, dst: Path) -> None:
+    def store_after_discard(*args: object) -> None:
         tier.discard_file(KEY)  # the file changed meanwhile
-        real_rename(src, dst)
+        real_store(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("fusecache.disktier.os.rename", rename_after_discard)
+    monkeypatch.setattr("fusecache.disktier._store", store_after_discard)
     assert not tier.write(KEY, 0, block(0))
     assert block_files(tmp_path / "c") == [] and tier.used == 0
 
@@ -152,14 +205,14 @@ def pool_blocks(tmp_path: Path, pool: BlockPool, sizes: list[int]) -> list[bytes
 
 def test_whole_blocks_in_pool_memory_move_with_o_direct(
         tmp_path: Path, pool: BlockPool, monkeypatch: pytest.MonkeyPatch) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier = tier_at(tmp_path / "c")
     assert tier.direct_io, "ext4 and tmpfs take O_DIRECT"
     whole, tail = pool_blocks(tmp_path, pool, [BLOCK, 1000])
     opened: list[bool] = []
     real_open = os.open
 
     def recording_open(path: Path, flags: int, *args: int) -> int:
-        if str(path).endswith((".blk", ".blk.tmp")):
+        if str(path).endswith(".blk"):
             opened.append(bool(flags & os.O_DIRECT))
         return real_open(path, flags, *args)
 
@@ -175,7 +228,7 @@ def test_whole_blocks_in_pool_memory_move_with_o_direct(
 
 
 def test_corruption_is_caught_on_the_o_direct_path(tmp_path: Path, pool: BlockPool) -> None:
-    tier = DiskTier(tmp_path / "c", 1 << 30)
+    tier = tier_at(tmp_path / "c")
     [whole] = pool_blocks(tmp_path, pool, [BLOCK])
     tier.write(KEY, 0, whole)
     [path] = block_files(tmp_path / "c")
@@ -187,10 +240,10 @@ def test_corruption_is_caught_on_the_o_direct_path(tmp_path: Path, pool: BlockPo
 
 
 def test_blocks_of_an_older_format_are_removed(tmp_path: Path) -> None:
-    old = tmp_path / "c" / "v1" / "ab"
+    old = tmp_path / "c" / "v2" / "ab"
     old.mkdir(parents=True)
     (old / "0.blk").write_bytes(b"old")
     (tmp_path / "c" / "keep-me").write_text("not ours to delete")
-    DiskTier(tmp_path / "c", 1 << 30)
-    assert not (tmp_path / "c" / "v1").exists()
+    tier_at(tmp_path / "c")
+    assert not (tmp_path / "c" / "v2").exists()
     assert (tmp_path / "c" / "keep-me").exists()
