@@ -337,6 +337,10 @@ class BlockCache:
     def capacity(self) -> int:
         return self._memory.capacity
 
+    @property
+    def disk(self) -> DiskTier | None:
+        return self._disk
+
     def prefetch(self, f: CachedFile, start: int, end: int, from_disk: bool = True) -> None:
         """Start fetching the blocks of bytes [start, end) that are neither cached nor coming.
 

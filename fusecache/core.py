@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -259,6 +260,10 @@ class FilesystemCore:
             raise FsError(errno.ENODATA)
         f, _ = await self._open_lower(ino)
         try:
+            if f.key not in self._sha256 and self.cache.disk is not None:
+                kept = await trio.to_thread.run_sync(self.cache.disk.note, f.key, "sha256")
+                if kept is not None and re.fullmatch(rb"[0-9a-f]{64}", kept):
+                    self._sha256[f.key] = kept.decode()
             if f.key not in self._sha256:
                 hashing = self._hashing.get(f.key)
                 if hashing is None:
@@ -380,8 +385,11 @@ class FilesystemCore:
             log.warning("%s: no sha256: %s", f.display, exc)
             return
         else:
-            self._sha256[f.key] = h.hexdigest()
-            log.info("%s: sha256 %s", f.display, self._sha256[f.key])
+            digest = self._sha256[f.key] = h.hexdigest()
+            log.info("%s: sha256 %s", f.display, digest)
+            if self.cache.disk is not None:  # for the next mount over the same cache
+                await trio.to_thread.run_sync(self.cache.disk.set_note, f.key, "sha256",
+                                              digest.encode())
         finally:
             f.unpin()
             del self._hashing[f.key]

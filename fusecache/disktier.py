@@ -1,6 +1,7 @@
 """The disk tier: cached blocks in local files that check themselves.
 
-Layout: ROOT/v3/<identity digest>/<unit>.blk. A unit file holds blocks
+Layout: ROOT/v3/<identity digest>/<unit>.blk, and <name>.note beside them for a
+small value kept per identity (its sha256). A unit file holds blocks
 unit*8 .. unit*8+7 of one source identity (one fetch from the lower mount), each
 in its own slot: a 4 KiB header, then the block's data. A slot never written, or
 given up, is a hole. The header holds the format magic, the digest of the source
@@ -46,6 +47,7 @@ HEADER = struct.Struct("<8s32sQQQ")  # magic, identity digest, index, length, xx
 # Where a slot's data starts: one page, so O_DIRECT transfers of the data stay aligned.
 DATA_OFFSET = 4096
 UNIT = 8  # blocks per file
+NOTE_SUFFIX = ".note"  # beside the unit files: small values kept per identity
 PROBE_SUFFIX = ".tmp"
 
 
@@ -265,11 +267,41 @@ class DiskTier:
         return False
 
     def discard_file(self, file_key: Hashable) -> None:
-        """Delete every block of one source identity (its content changed)."""
+        """Delete every block and note of one source identity (its content changed)."""
         digest = self._digest(file_key)
         with self._lock:
             for _, idx in self._index.discard_file(digest):
                 self._unit_path(digest, idx).unlink(missing_ok=True)
+        for note in (self.root / digest.hex()).glob(f"*{NOTE_SUFFIX}"):
+            note.unlink(missing_ok=True)
+
+    def _note_path(self, file_key: Hashable, name: str) -> Path:
+        return self.root / self._digest(file_key).hex() / f"{name}{NOTE_SUFFIX}"
+
+    def note(self, file_key: Hashable, name: str) -> bytes | None:
+        """A small value kept for one source identity (its sha256), or None.
+
+        Notes are not checksummed: the caller checks the value's form.
+        """
+        try:
+            return self._note_path(file_key, name).read_bytes()
+        except OSError:
+            return None
+
+    def set_note(self, file_key: Hashable, name: str, value: bytes) -> None:
+        """Keep *value* for one source identity, across remounts. Best effort."""
+        path = self._note_path(file_key, name)
+        tmp = path.with_name(path.name + PROBE_SUFFIX)
+        try:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, value)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as exc:
+            log.warning("cannot keep the %s of %s: %s", name, path.parent, exc)
 
 
 def _load(path: Path, offset: int, expect: tuple[bytes, int, int], pool: BlockPool,

@@ -247,3 +247,16 @@ def test_blocks_of_an_older_format_are_removed(tmp_path: Path) -> None:
     tier_at(tmp_path / "c")
     assert not (tmp_path / "c" / "v2").exists()
     assert (tmp_path / "c" / "keep-me").exists()
+
+
+def test_notes_survive_a_restart_and_go_with_the_identity(tmp_path: Path) -> None:
+    tier = tier_at(tmp_path / "c")
+    assert tier.note(KEY, "sha256") is None
+    tier.write(KEY, 0, block(0))
+    tier.set_note(KEY, "sha256", b"ab" * 32)
+    again = tier_at(tmp_path / "c")
+    assert again.note(KEY, "sha256") == b"ab" * 32
+    assert again.used == BLOCK, "a note is not a block"
+    assert again.note((b"other", 1, 1, 1), "sha256") is None
+    again.discard_file(KEY)
+    assert again.note(KEY, "sha256") is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import mmap
 import os
@@ -13,7 +14,7 @@ import pytest
 import trio
 
 from fusecache.config import MiB
-from fusecache.core import FilesystemCore
+from fusecache.core import SHA256_XATTR, FilesystemCore
 from fusecache.disktier import FORMAT, DiskTier
 from tests.conftest import make_core, needs_fuse
 from tests.ramp import ramp, write_ramp
@@ -76,6 +77,29 @@ async def test_an_o_direct_reader_keeps_nothing_so_memory_keeps_its_blocks(
         fh = await open_file(core, b"f")
         assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
         assert core.cache.statistics().lower_bytes == 0
+
+
+async def test_the_sha256_is_kept_with_the_disk_tier_across_a_remount(
+        tmp_path: Path, implementation: str) -> None:
+    want = hashlib.sha256(ramp(0, SIZE)).hexdigest().encode()
+    async with make_core(tmp_path, 64 * MiB, DiskTier(tmp_path / "cache", 1 << 30),
+                         implementation) as core:
+        write_ramp(tmp_path / "src" / "f", SIZE)
+        ino = (await core.lookup(1, b"f")).ino
+        assert await core.getxattr(ino, SHA256_XATTR) == want
+    async with make_core(tmp_path, 64 * MiB, DiskTier(tmp_path / "cache", 1 << 30),
+                         implementation) as core:
+        ino = (await core.lookup(1, b"f")).ino
+        assert await core.getxattr(ino, SHA256_XATTR) == want
+        stats = core.cache.statistics()
+        assert stats.lower_bytes == 0 and stats.served_disk == 0, "answered without hashing"
+    write_ramp(tmp_path / "src" / "f", SIZE, seed=4)  # a new version: the kept digest is not its
+    os.utime(tmp_path / "src" / "f", ns=(1, 1))
+    async with make_core(tmp_path, 64 * MiB, DiskTier(tmp_path / "cache", 1 << 30),
+                         implementation) as core:
+        ino = (await core.lookup(1, b"f")).ino
+        assert await core.getxattr(ino, SHA256_XATTR) == hashlib.sha256(
+            ramp(0, SIZE, seed=4)).hexdigest().encode()
 
 
 async def test_a_block_leaves_memory_only_once_the_kernel_holds_every_page(
