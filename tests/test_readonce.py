@@ -87,6 +87,26 @@ async def test_two_askers_share_one_hash(core: FilesystemCore) -> None:
     assert core.cache.statistics().lower_bytes == SIZE
 
 
+async def test_sha256_of_a_file_the_lower_mount_fails_to_read_is_eio(
+        core: FilesystemCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_ramp(src_of(core) + "/m", SIZE)
+    ino = (await core.lookup(1, b"m")).ino
+
+    async def failing_read(*args: object, **kwargs: object) -> list[bytes]:
+        raise OSError(errno.EIO, "the store is down")
+
+    monkeypatch.setattr(core.source, "read_blocks", failing_read)
+    for _ in range(2):  # a failed hash is not remembered: the next ask tries again
+        with trio.fail_after(20), pytest.raises(FsError) as info:
+            await core.getxattr(ino, SHA256_XATTR)
+        assert info.value.errno == errno.EIO
+    assert SHA256_XATTR not in await core.listxattr(ino)
+    monkeypatch.undo()  # the store is back
+    with trio.fail_after(20):
+        digest = await core.getxattr(ino, SHA256_XATTR)
+    assert digest.decode() == hashlib.sha256(ramp(0, SIZE)).hexdigest()
+
+
 async def test_with_sha256_on_the_fill_hashes_as_it_streams(core: FilesystemCore) -> None:
     core.readahead = ReadaheadConfig(sha256=True)  # `fusecache mount --sha256`
     write_ramp(src_of(core) + "/m", SIZE)
