@@ -359,6 +359,9 @@ class FilesystemCore:
         hash to follow; a bigger one is read ahead of the hash as it goes.
         """
         done = self._hashing[f.key] = trio.Event()
+        if fill:  # asked for: the asker waits, so say what it waits for
+            log.info("%s: hashing %.0f MB for %s", f.display, f.size / 1e6,
+                     SHA256_XATTR.decode())
         ahead = 0
         if fill and self._fits_whole(f):
             f.pin()  # released by the fill
