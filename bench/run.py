@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import models, workload
-from .standin import BUCKET, Standin, running_standin
+from .standin import BUCKET, DEFAULT_RATE_MBPS, Standin, running_standin
 
 
 @dataclass
@@ -291,7 +291,12 @@ def plot(cases: list[CaseResult], path: Path) -> None:
 
 
 def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path,
-              mount_options: list[str]) -> int:
+              mount_options: list[str], rate_mbps: int | None = None) -> int:
+    """Time first and second switches on the plain mount and through fusecache; 0 if done.
+
+    Without *source*, on the stand-in, capped at *rate_mbps* (default DEFAULT_RATE_MBPS).
+    """
+    rate_mbps = rate_mbps or DEFAULT_RATE_MBPS
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         counter: Callable[[], int | None] = lambda: None  # noqa: E731
@@ -304,8 +309,9 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
             (data / BUCKET).mkdir()
             models.ensure_models(data / BUCKET, names, scale)
             os.sync()  # gigabytes of dirty pages flushing would slow the first case
-            progress("starting the OSS stand-in (rclone serve s3 + s3fs + tc)")
-            standin: Standin = stack.enter_context(running_standin(data_dir=data))
+            progress(f"starting the OSS stand-in (rclone serve s3 + s3fs + tc at {rate_mbps} MB/s)")
+            standin: Standin = stack.enter_context(running_standin(data_dir=data,
+                                                                   rate_mbps=rate_mbps))
             source, counter = standin.mount, standin.bytes_sent
             ideal = measure_ideal(source, data / BUCKET, names)
         cases = [run_case("plain", source, names, counter)]
@@ -335,6 +341,7 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "scale": scale,
+        "rate_mbps": rate_mbps if ideal is not None else None,
         "cases": [{"name": c.name, "daemon_served_second": c.daemon_served_second,
                    "direct_reclaim_second": c.direct_reclaim_second,
                    "proactive_reclaim_second": c.proactive_reclaim_second,

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model file names (default: the study's ten)")
     b.add_argument("--scale", type=float, default=0.02,
                    help="model size as a fraction of the real one (stand-in only)")
+    b.add_argument("--rate", type=int, default=None, metavar="MB/S",
+                   help="the stand-in's bandwidth cap: set it to your store's throughput to "
+                   "see the network-bound case (stand-in only; needs root) (default: 400)")
     b.add_argument("--out", type=Path, default=Path("bench/out"),
                    help="where result.json and switching.png go")
     b.add_argument("--mount-option", action="append", default=[], metavar="OPT",
@@ -238,7 +241,12 @@ def _bench(args: argparse.Namespace) -> int:
         raise UsageError(f"source {args.source} is not a directory")
     if args.scale <= 0:
         raise UsageError("--scale must be positive")
-    return run_bench(args.source, names, args.scale, args.out, args.mount_option)
+    if args.rate is not None and args.rate <= 0:
+        raise UsageError("--rate must be a positive number of MB/s")
+    if args.rate is not None and args.source is not None:
+        raise UsageError("--rate caps the stand-in; it cannot cap SOURCE_DIR")
+    return run_bench(args.source, names, args.scale, args.out, args.mount_option,
+                     rate_mbps=args.rate)
 
 
 def main(argv: list[str] | None = None) -> int:
