@@ -7,6 +7,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fusecache import disktier
 from fusecache.blockio import BlockPool
@@ -260,3 +262,49 @@ def test_notes_survive_a_restart_and_go_with_the_identity(tmp_path: Path) -> Non
     assert again.note((b"other", 1, 1, 1), "sha256") is None
     again.discard_file(KEY)
     assert again.note(KEY, "sha256") is None
+
+
+def test_evicting_one_block_leaves_the_rest_of_its_file_readable(tmp_path: Path,
+                                                                  pool: BlockPool) -> None:
+    """Shrunk by the property test below from a tier that unlinked a whole unit on eviction."""
+    tier = tier_at(tmp_path / "c", 5 * BLOCK)
+    for i in range(6):
+        tier.write(KEY, i, block(i))
+    held = [i for i in range(6) if tier.contains(KEY, i)]
+    assert len(held) == 5
+    for i in held:
+        assert load(tier, pool, KEY, i) == block(i)
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["write", "read", "discard", "restart"]),
+                         st.integers(0, 1), st.integers(0, 2 * UNIT + 1)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_any_mix_of_writes_evictions_discards_and_restarts_never_gives_wrong_bytes(
+        tmp_path_factory: pytest.TempPathFactory, pool: BlockPool, ops: list) -> None:
+    """Reads give the block written or nothing, and no file outlives its last block."""
+    root = tmp_path_factory.mktemp("c")
+    keys = [KEY, (b"models/b.safetensors", 1, 2, 3)]
+    tier = tier_at(root, 5 * BLOCK)  # small: writes evict
+    for op, k, idx in ops:
+        key = keys[k]
+        want = ramp(idx * BLOCK, BLOCK, seed=k)
+        if op == "write":
+            tier.write(key, idx, want)
+        elif op == "read":
+            got = tier.read(key, idx, BLOCK, pool)
+            assert got is None or bytes(got) == want
+        elif op == "discard":
+            tier.discard_file(key)
+        else:
+            tier = tier_at(root, 5 * BLOCK)
+        assert tier.used <= 5 * BLOCK
+        held = {(k, i) for k in range(2) for i in range(3 * UNIT) if tier.contains(keys[k], i)}
+        for k, i in held:  # every indexed block reads back whole
+            assert bytes(tier.read(keys[k], i, BLOCK, pool) or b"") == ramp(i * BLOCK, BLOCK,
+                                                                             seed=k)
+        assert len(block_files(root)) == len({(k, i // UNIT) for k, i in held})
+    assert tier.validation_failures == 0
