@@ -83,3 +83,17 @@ def test_hash_then_load_crosses_the_network_once(standin: Standin, mount_factory
     if before is not None and after is not None:
         # HTTP headers and s3fs's HEAD requests add a little on top of the data.
         assert after - before <= 1.02 * SIZE
+
+
+def test_a_tool_that_asks_for_the_sha256_then_loads_moves_the_model_once(
+        standin: Standin, mount_factory) -> None:
+    m = mount_factory(standin.mount)
+    path = m.mnt / "model.safetensors"
+    before = standin.bytes_sent()
+    digest = os.getxattr(path, "user.fusecache.sha256").decode()  # instead of its hash pass
+    assert digest == hashlib.sha256(ramp(0, SIZE, seed=5)).hexdigest()
+    assert path.read_bytes() == ramp(0, SIZE, seed=5)  # the load
+    assert m.stats()["lower_bytes"] == SIZE
+    after = standin.bytes_sent()
+    if before is not None and after is not None:
+        assert after - before <= 1.02 * SIZE
