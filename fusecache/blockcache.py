@@ -53,6 +53,8 @@ class CacheStatistics:
     disk_writes_dropped: int
     validation_failures: int
     handed_to_kernel: int  # blocks memory let go to disk once the kernel held all their pages
+    fetches_in_flight: int  # blocks on their way from below or from disk, now
+    background_jobs: int  # whole-file fetches and hashes under way, now
 
 
 @dataclass
@@ -63,6 +65,28 @@ class _Flight:
     data: Block | None = None
     error: str | None = None
     from_disk: bool = False
+
+
+class _Underway:
+    """How many background jobs are under way, and a wait for there to be none."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none = trio.Event()
+        self._none.set()
+
+    def start(self) -> None:
+        if self.count == 0:
+            self._none = trio.Event()
+        self.count += 1
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._none.set()
+
+    async def ended(self) -> None:
+        await self._none.wait()
 
 
 class BlockCache:
@@ -122,8 +146,7 @@ class BlockCache:
         # (the kernel page cache) has been served. See _served.
         self._kernel_pages: dict[BlockKey, int] = {}
         self._walks: dict[Hashable, int] = {}  # file key -> the block a walk waits for
-        self._walks_ended = trio.Event()  # set while no walk is under way
-        self._walks_ended.set()
+        self._background = _Underway()  # walks and fills
         self._handed_to_kernel = 0
         send, receive = trio.open_memory_channel[BlockKey](self.SPILL_HELD)
         self._spill_queue = send
@@ -148,6 +171,8 @@ class BlockCache:
             disk_writes_dropped=self._disk_writes_dropped,
             validation_failures=self._disk.validation_failures if self._disk else 0,
             handed_to_kernel=self._handed_to_kernel,
+            fetches_in_flight=len(self._inflight),
+            background_jobs=self._background.count,
         )
 
     def forget_file(self, key: Hashable) -> None:
@@ -263,8 +288,7 @@ class BlockCache:
         ahead of itself (when nothing else, such as a fill, fetches the file).
         """
         key = f.key
-        if self._walks_ended.is_set():
-            self._walks_ended = trio.Event()
+        self._background.start()
         try:
             for idx in range(self.block_count(f)):
                 self._walks[key] = idx
@@ -284,11 +308,11 @@ class BlockCache:
                 elif (key, idx) in self._memory and self._kernel_holds((key, idx), len(block)):
                     self._to_disk((key, idx))
         finally:
-            del self._walks[key]
-            if not self._walks:
-                self._walks_ended.set()
+            self._walks.pop(key, None)  # never set for an empty file
+            self._background.end()
 
-    async def fill(self, f: CachedFile, parallel: int) -> None:
+    async def fill(self, f: CachedFile, parallel: int,
+                   feed: Callable[[int, Block], Awaitable[bool]] | None = None) -> None:
         """Fetch from below every block of *f* that is neither held nor coming, in file order.
 
         Blocks on disk are left there: they are local already, and one the
@@ -298,16 +322,25 @@ class BlockCache:
         wants a block the fill has not reached fetches it on its own (demand)
         path instead of queueing behind the fill. Stops at the first error.
         The caller pins *f* for the fill, which releases the pin when it ends.
+
+        *feed* (block index, block) hands each block of the file the kernel does
+        not hold yet to its page cache, whether the fill fetched it or found it
+        in memory (or on its way), and says whether it did; a block it took
+        counts as served to the kernel (see _served).
         """
         nblocks = self.block_count(f)
         window = trio.Semaphore(parallel)
         failed = False
+        self._background.start()
 
-        async def settle(flight: _Flight) -> None:
+        async def settle(flight: _Flight, first: int, count: int) -> None:
             nonlocal failed
             await flight.done.wait()
             failed = failed or flight.error is not None
             window.release()
+            if feed is not None and flight.error is None:
+                for idx in range(first, first + count):
+                    await self._feed(f, idx, feed)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -318,20 +351,43 @@ class BlockCache:
                                                from_disk=False)
                     if started == 0:  # held, on its way, or on disk
                         window.release()
+                        if feed is not None:  # fetched before the fill began: fed all the same
+                            nursery.start_soon(self._feed_when_here, f, idx, feed)
                         idx += 1
                         continue
-                    nursery.start_soon(settle, self._inflight[(f.key, idx)])
+                    nursery.start_soon(settle, self._inflight[(f.key, idx)], idx, started)
                     idx += started
         finally:
             f.unpin()
+            self._background.end()
+
+    async def _feed_when_here(self, f: CachedFile, idx: int,
+                              feed: Callable[[int, Block], Awaitable[bool]]) -> None:
+        """Feed block *idx* once a fetch that is bringing it has landed."""
+        flight = self._inflight.get((f.key, idx))
+        if flight is not None:
+            await flight.done.wait()
+            if flight.error is not None:
+                return
+        await self._feed(f, idx, feed)
+
+    async def _feed(self, f: CachedFile, idx: int,
+                    feed: Callable[[int, Block], Awaitable[bool]]) -> None:
+        """Hand block *idx* of *f* to the kernel's page cache through *feed*, unless it holds it."""
+        key = (f.key, idx)
+        block = self._memory.get(key)
+        if block is None or self._kernel_holds(key, len(block)):
+            return  # gone already (evicted, handed on), or the kernel read all of it
+        if await feed(idx, block) and self._disk is not None:
+            self._served(key, 0, len(block), len(block))
 
     async def wait_idle(self) -> None:
-        """Return once no fetch is in flight and no walk is under way."""
-        while self._inflight or self._walks:
+        """Return once no fetch is in flight and no walk or fill is under way."""
+        while self._inflight or self._background.count:
             if self._inflight:
                 await next(iter(self._inflight.values())).done.wait()
             else:
-                await self._walks_ended.wait()
+                await self._background.ended()
 
     @property
     def capacity(self) -> int:

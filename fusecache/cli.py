@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hash every file fetched whole as it streams, so the "
                    "user.fusecache.sha256 xattr answers at once (without it, the xattr "
                    "hashes the file from the cache when first asked); 0.6 CPU-s per GB")
+    m.add_argument("--feed-page-cache", action=argparse.BooleanOptionalAction,
+                   default=ReadaheadConfig.feed_page_cache,
+                   help="push what a whole-file fetch brings into the kernel's page cache, so "
+                   "a loader that maps the file does not ask for it fault by fault")
     m.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None,
                    help="let other users read the mount (default: on when run as root)")
     m.add_argument("--force", action="store_true",
@@ -217,7 +221,8 @@ def _mount(args: argparse.Namespace) -> int:
                        congestion_threshold=args.max_background * 3 // 4,
                        attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout),
         lower=replace(SourceConfig(), readahead_threads=args.parallel),
-        readahead=replace(ReadaheadConfig(), sha256=args.sha256),
+        readahead=replace(ReadaheadConfig(), sha256=args.sha256,
+                          feed_page_cache=args.feed_page_cache),
         allow_other=os.geteuid() == 0 if args.allow_other is None else args.allow_other,
     )
     logging.getLogger(__name__).debug("memory cache %s", format_size(mem))

@@ -141,6 +141,12 @@ class ReadaheadConfig:
     # Hashing everything costs 0.6 CPU-s per GB, 5-8% of a cold stream on a 2-core
     # box that is CPU-bound (seq-1: 295-311 MB/s on, 305-325 off).
     sha256: bool = False
+    # Push the blocks a whole-file fetch brings into the kernel's page cache
+    # (FUSE notify_store), so a loader that maps the file finds them there instead
+    # of asking the daemon fault by fault. Measured on the stand-in, a cold 512 MiB
+    # model loaded through mmap in shuffled tensor order: 594 -> 192-224 requests
+    # to the daemon, 224-245 -> 245-282 MB/s (plain mount: 255-290).
+    feed_page_cache: bool = True
 
 
 @dataclass(frozen=True)

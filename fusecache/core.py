@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from itertools import count
 
@@ -99,6 +99,8 @@ class FilesystemCore:
 
     *invalidate* is called (in a worker thread) with an inode number whose
     kernel page cache must be dropped because the lower file changed.
+    *store* (inode, offset, data), called in a worker thread, puts data in the
+    kernel's page cache of an inode (FUSE notify_store); None: never.
     """
 
     def __init__(
@@ -108,12 +110,18 @@ class FilesystemCore:
         nursery: trio.Nursery,
         invalidate: Callable[[int], None] = lambda ino: None,
         readahead: ReadaheadConfig | None = None,
+        store: Callable[[int, int, Block], None] | None = None,
     ) -> None:
         self.readahead = readahead or ReadaheadConfig()
         self.source = source
         self.cache = cache
         self._nursery = nursery
         self._invalidate = invalidate
+        self._store = store if self.readahead.feed_page_cache else None
+        # Held around each store into the page cache and each invalidation of it,
+        # so a store of an old version's bytes cannot land after the kernel was
+        # told to drop that version's pages (see _feeder).
+        self._page_cache_lock = trio.Lock()
         self._path_of: dict[int, bytes] = {ROOT_INODE: b""}
         self._ino_of: dict[bytes, int] = {b"": ROOT_INODE}
         # Inode numbers stay fixed for a path for the life of the mount; the
@@ -176,7 +184,11 @@ class FilesystemCore:
             return
         log.info("%s changed on the lower mount; dropping cached data",
                  os.fsdecode(self._path_of.get(ino, b"?")))
-        self._nursery.start_soon(trio.to_thread.run_sync, self._invalidate_quietly, ino)
+        self._nursery.start_soon(self._invalidate_page_cache, ino)
+
+    async def _invalidate_page_cache(self, ino: int) -> None:
+        async with self._page_cache_lock:
+            await trio.to_thread.run_sync(self._invalidate_quietly, ino)
 
     def _invalidate_quietly(self, ino: int) -> None:
         try:
@@ -267,7 +279,7 @@ class FilesystemCore:
             if f.key not in self._sha256:
                 hashing = self._hashing.get(f.key)
                 if hashing is None:
-                    hashing = self._start_hash(f, fill=True)
+                    hashing = self._start_hash(ino, f, fill=True)
                 await hashing.wait()
             digest = self._sha256.get(f.key)
             if digest is None:
@@ -312,13 +324,18 @@ class FilesystemCore:
             self.cache.forget_file(current.key)
             self._interest.pop(current.key, None)
             self._sha256.pop(current.key, None)
-        if current is not None and not current.closed and not changed:
+            lower = LowerFile(fd, ident, self.source, self._nursery)
+            self._open_files[ino] = lower  # from here on, no store of the old version starts
+            async with self._page_cache_lock:  # and none is still under way when the
+                pass  # kernel, told the file changed, drops its pages
+            return lower, True
+        if current is not None and not current.closed:
             current.pin()
             self._nursery.start_soon(self.source.close, fd)
             return current, False
         lower = LowerFile(fd, ident, self.source, self._nursery)
         self._open_files[ino] = lower
-        return lower, changed
+        return lower, False
 
     async def read(self, fh: int, offset: int, size: int) -> Block:
         handle = self._handle(fh)
@@ -331,10 +348,11 @@ class FilesystemCore:
         if interest is None:
             interest = self._interest[f.key] = FileInterest(self.readahead)
         if interest.on_read(offset, size):
-            self._fetch_whole(f)
+            # An O_DIRECT reader would not look in the page cache for what is fed.
+            self._fetch_whole(handle.ino, f, feed=handle.kernel_keeps)
         return await self.cache.read(f, offset, size, kept=handle.kernel_keeps)
 
-    def _fetch_whole(self, f: LowerFile) -> None:
+    def _fetch_whole(self, ino: int, f: LowerFile, feed: bool) -> None:
         """The read-once rule: fetch the rest of a wanted file now (and hash it, if so set).
 
         Only files that fit in half the memory cache: a bigger one would evict
@@ -345,14 +363,46 @@ class FilesystemCore:
             return
         log.debug("%s: fetching the whole file", f.display)
         f.pin()  # released by the fill
-        self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel)
+        self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel,
+                                 self._feeder(ino, f) if feed else None)
         if self.readahead.sha256 and f.key not in self._sha256 and f.key not in self._hashing:
-            self._start_hash(f, fill=False)
+            self._start_hash(ino, f, fill=False)
 
     def _fits_whole(self, f: LowerFile) -> bool:
         return f.size <= self.cache.capacity // 2
 
-    def _start_hash(self, f: LowerFile, fill: bool) -> trio.Event:
+    def _feeder(self, ino: int, f: LowerFile) -> Callable[[int, Block], Awaitable[bool]] | None:
+        """What puts blocks of *f* in the kernel's page cache of *ino* for a fill, if anything.
+
+        A block goes in only while *f* is the version the lower mount has, as
+        last seen: a store of an old version's bytes would be served as the new
+        one's. Stores and invalidations take turns (_page_cache_lock), so none
+        lands after the kernel was told to drop the old version's pages.
+        """
+        if self._store is None:
+            return None
+
+        async def feed(idx: int, block: Block) -> bool:
+            async with self._page_cache_lock:
+                store = self._store
+                if (store is None or self._open_files.get(ino) is not f
+                        or self._version.get(ino) != (f.size, f.ident.mtime_ns)):
+                    return False
+                try:
+                    await trio.to_thread.run_sync(store, ino, idx * self.cache.block_size, block)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+                        log.warning("the kernel takes no data into its page cache (%s); "
+                                    "not feeding it", exc)
+                        self._store = None
+                    else:  # e.g. the kernel forgot the inode: its pages went with it
+                        log.debug("%s: page cache store of block %d: %s", f.display, idx, exc)
+                    return False
+            return True
+
+        return feed
+
+    def _start_hash(self, ino: int, f: LowerFile, fill: bool) -> trio.Event:
         """Start hashing *f* for SHA256_XATTR; the event is set when it ends, well or not.
 
         With *fill*, a file that fits is also fetched whole, in parallel, for the
@@ -365,7 +415,8 @@ class FilesystemCore:
         ahead = 0
         if fill and self._fits_whole(f):
             f.pin()  # released by the fill
-            self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel)
+            self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel,
+                                     self._feeder(ino, f))
         elif fill:
             ahead = self.cache.fetch_blocks * self.source.readahead_parallel
         f.pin()  # released by the hash

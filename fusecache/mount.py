@@ -13,12 +13,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pyfuse3
 import trio
 
 from fusecache import kernel
 from fusecache.blockcache import BlockCache
+from fusecache.blockio import Block
 from fusecache.config import MountConfig
 from fusecache.core import FilesystemCore
 from fusecache.disktier import DiskTier
@@ -58,8 +60,10 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
             raise MountError(f"cannot use cache dir {config.cache.cache_dir}: {exc}") from None
     async with trio.open_nursery() as nursery:
         cache = BlockCache(config.cache, source, nursery, disk)
+        # notify_store takes any buffer (it gets a Py_buffer), whatever its stub says.
+        store = cast(Callable[[int, int, Block], None], pyfuse3.notify_store)
         core = FilesystemCore(source, cache, nursery, readahead=config.readahead,
-                              invalidate=pyfuse3.invalidate_inode)
+                              invalidate=pyfuse3.invalidate_inode, store=store)
         ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
         options = set(pyfuse3.default_options)
         options |= {"ro", "subtype=fusecache", f"fsname={config.source}"}

@@ -7,7 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ import trio
 
 from fusecache import blockio
 from fusecache.blockcache import BlockCache
+from fusecache.blockio import Block
 from fusecache.config import CacheConfig, MiB
 from fusecache.core import FilesystemCore
 from fusecache.disktier import DiskTier
@@ -59,7 +61,9 @@ def pool(implementation: str) -> blockio.BlockPool:
 
 @asynccontextmanager
 async def make_core(tmp_path: Path, mem: int, disk: DiskTier | None = None,
-                    implementation: str = "native") -> AsyncIterator[FilesystemCore]:
+                    implementation: str = "native",
+                    store: Callable[[int, int, Block], None] | None = None,
+                    ) -> AsyncIterator[FilesystemCore]:
     src = tmp_path / "src"
     src.mkdir(exist_ok=True)
     source = LowerSource(src)
@@ -67,7 +71,7 @@ async def make_core(tmp_path: Path, mem: int, disk: DiskTier | None = None,
     pool = pool_class(implementation)(config.block_size)
     async with trio.open_nursery() as nursery:
         cache = BlockCache(config, source, nursery, disk, pool)
-        yield FilesystemCore(source, cache, nursery)
+        yield FilesystemCore(source, cache, nursery, store=store)
         nursery.cancel_scope.cancel()
 
 
@@ -104,6 +108,16 @@ class Mount:
 
     def stats(self) -> dict[str, int]:
         return json.loads(os.getxattr(self.mnt, "user.fusecache.stats"))
+
+    def settled(self, timeout: float = 20) -> dict[str, int]:
+        """The stats once no fetch, whole-file fetch or hash is under way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if stats["fetches_in_flight"] == 0 and stats["background_jobs"] == 0:
+                return stats
+            assert time.monotonic() < deadline, f"still busy after {timeout} s: {stats}"
+            time.sleep(0.05)
 
     def unmount(self) -> None:
         res = fusecache_cmd("umount", str(self.mnt))

@@ -1,0 +1,122 @@
+"""Page-cache feeding: what a whole-file fetch brings is pushed into the kernel's page cache."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import random
+from pathlib import Path
+
+import trio
+
+from fusecache.blockio import Block
+from fusecache.config import MiB
+from fusecache.core import FilesystemCore
+from fusecache.disktier import DiskTier
+from tests.conftest import Mount, make_core, needs_fuse
+from tests.ramp import ramp, write_ramp
+from tests.test_core import open_file
+from tests.test_mount import drop_kernel_cache
+
+SIZE = 20 * MiB + 99  # fits the fill (half of 64 MiB)
+
+
+class PageCache:
+    """A stand-in for the kernel's page cache: what was stored where."""
+
+    def __init__(self, fail: int | None = None) -> None:
+        self.stored: dict[tuple[int, int], bytes] = {}
+        self.fail = fail
+        self.calls = 0
+
+    def store(self, ino: int, offset: int, data: Block) -> None:
+        self.calls += 1
+        if self.fail is not None:
+            raise OSError(self.fail, os.strerror(self.fail))
+        self.stored[ino, offset] = bytes(data)
+
+
+async def _load_header_then_scattered(core: FilesystemCore, name: bytes) -> tuple[int, int]:
+    """A loader's first reads: the header, then 8 tensors elsewhere (read-once fires)."""
+    fh = await open_file(core, name)
+    await core.read(fh, 0, 8)
+    for off in random.Random(3).sample(range(MiB, SIZE - 4096, 4096), 8):
+        assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
+    with trio.fail_after(20):
+        await core.cache.wait_idle()  # the fill, and the feeding behind it
+    return fh, (await core.lookup(1, name)).ino
+
+
+async def test_a_fill_feeds_the_blocks_the_kernel_lacks(tmp_path: Path) -> None:
+    kernel = PageCache()
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    async with make_core(tmp_path, 64 * MiB, disk, store=kernel.store) as core:
+        write_ramp(tmp_path / "src" / "m", SIZE)
+        _, ino = await _load_header_then_scattered(core, b"m")
+        assert kernel.stored, "the fill fed the page cache"
+        for (got_ino, offset), data in kernel.stored.items():
+            assert got_ino == ino and offset % MiB == 0
+            assert data == ramp(offset, min(MiB, SIZE - offset)), "the right bytes, in place"
+        stats = core.cache.statistics()
+        assert stats.lower_bytes == SIZE
+        # Fed blocks count as the kernel's: they left memory for the disk tier.
+        assert stats.handed_to_kernel == len(kernel.stored)
+        assert stats.memory_used == SIZE - sum(len(d) for d in kernel.stored.values())
+
+
+async def test_nothing_is_fed_once_the_file_changed(tmp_path: Path) -> None:
+    kernel = PageCache()
+    async with make_core(tmp_path, 64 * MiB, store=kernel.store) as core:
+        write_ramp(tmp_path / "src" / "m", SIZE)
+        ino = (await core.lookup(1, b"m")).ino
+        f, _ = await core._open_lower(ino)
+        feed = core._feeder(ino, f)
+        assert feed is not None
+        assert await feed(0, ramp(0, MiB))
+        os.utime(tmp_path / "src" / "m", ns=(1, 1))
+        await core.lookup(1, b"m")  # the kernel asks again and sees the new version
+        assert not await feed(1, ramp(MiB, MiB)), "the old version's bytes must not go in"
+        assert list(kernel.stored) == [(ino, 0)]
+        f.unpin()
+
+
+async def test_a_kernel_without_notify_store_is_asked_once(tmp_path: Path) -> None:
+    kernel = PageCache(fail=errno.ENOSYS)
+    async with make_core(tmp_path, 64 * MiB, store=kernel.store) as core:
+        write_ramp(tmp_path / "src" / "m", SIZE)
+        await _load_header_then_scattered(core, b"m")
+        assert kernel.calls == 1
+        assert core.cache.statistics().lower_bytes == SIZE, "the fill goes on without it"
+
+
+# --- through the kernel ---
+
+
+@needs_fuse
+def test_a_mapped_load_finds_the_fed_pages(tmp_path: Path, mount_factory) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    write_ramp(src / "model.safetensors", SIZE, seed=8)
+    pieces = list(range(0, SIZE, 64 * 1024))
+    random.Random(5).shuffle(pieces)
+    requests = {}
+    for option in ("--no-feed-page-cache", "--feed-page-cache"):
+        m: Mount = mount_factory(src, option)
+        path = m.mnt / "model.safetensors"
+        drop_kernel_cache(path)
+        out = bytearray(SIZE)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            f.read(8)  # a loader: the header, then tensors in its own order
+            for off in pieces[:8]:
+                out[off:off + 64 * 1024] = mapped[off:off + 64 * 1024]
+            before = m.settled()  # read-once fired: the fill (and feeding) ran to the end
+            for off in pieces[8:]:
+                out[off:off + 64 * 1024] = mapped[off:off + 64 * 1024]
+        assert bytes(out) == ramp(0, SIZE, seed=8)
+        after = m.settled()
+        assert after["lower_bytes"] == SIZE
+        requests[option] = after["read_requests"] - before["read_requests"]
+        m.unmount()
+    # Fed, the rest of the load finds its pages in place instead of asking the daemon.
+    assert requests["--feed-page-cache"] == 0 < requests["--no-feed-page-cache"], requests
