@@ -144,8 +144,8 @@ class ReadaheadConfig:
     # Push the blocks a whole-file fetch brings into the kernel's page cache
     # (FUSE notify_store), so a loader that maps the file finds them there instead
     # of asking the daemon fault by fault. Measured on the stand-in, a cold 512 MiB
-    # model loaded through mmap in shuffled tensor order: 594 -> 192-224 requests
-    # to the daemon, 224-245 -> 245-282 MB/s (plain mount: 255-290).
+    # model loaded through mmap in shuffled tensor order, six rounds: 594 -> 160-224
+    # requests to the daemon, 177-245 -> 238-282 MB/s (plain mount: 219-290).
     feed_page_cache: bool = True
 
 
