@@ -103,6 +103,10 @@ class FilesystemCore:
     kernel's page cache of an inode (FUSE notify_store); None: never.
     """
 
+    # A store takes a millisecond or two per block; one still going after this
+    # is stuck on a page the kernel holds locked.
+    PAGE_CACHE_CALL_GRACE = 5.0
+
     def __init__(
         self,
         source: LowerSource,
@@ -185,6 +189,21 @@ class FilesystemCore:
         log.info("%s changed on the lower mount; dropping cached data",
                  os.fsdecode(self._path_of.get(ino, b"?")))
         self._nursery.start_soon(self._invalidate_page_cache, ino)
+
+    async def end_page_cache_calls(self) -> None:
+        """Store into or invalidate the kernel's page cache no more: the session closes.
+
+        Waits, at most PAGE_CACHE_CALL_GRACE seconds, for a call under way; one
+        that goes on (it would be stuck on a page the kernel holds locked) is logged.
+        """
+        self._store = None
+        self._invalidate = lambda ino: None
+        with trio.move_on_after(self.PAGE_CACHE_CALL_GRACE) as waited:
+            async with self._page_cache_lock:
+                pass
+        if waited.cancelled_caught:
+            log.warning("a page-cache store or invalidation was still under way after %.0f s",
+                        self.PAGE_CACHE_CALL_GRACE)
 
     async def _invalidate_page_cache(self, ino: int) -> None:
         async with self._page_cache_lock:

@@ -74,10 +74,13 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         except RuntimeError as exc:
             raise MountError(f"cannot mount at {config.mountpoint}: {exc}") from None
         try:
-            nursery.start_soon(_stop_on_signals)
+            nursery.start_soon(_stop_on_signals, core)
             nursery.start_soon(_announce_when_ready, config, on_ready)
             await pyfuse3.main()
         finally:
+            # No notify call may run into the session pyfuse3.close() frees.
+            with trio.CancelScope(shield=True):
+                await core.end_page_cache_calls()
             pyfuse3.close(unmount=True)
         log.info("unmounted %s", config.mountpoint)
         with trio.move_on_after(config.cache.flush_on_unmount):
@@ -85,10 +88,12 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signals() -> None:
+async def _stop_on_signals(core: FilesystemCore) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
+            # While the main loop still answers the reads a page-cache store may wait on.
+            await core.end_page_cache_calls()
             pyfuse3.terminate()
             return
 

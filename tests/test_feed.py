@@ -90,6 +90,25 @@ async def test_a_kernel_without_notify_store_is_asked_once(tmp_path: Path) -> No
         assert core.cache.statistics().lower_bytes == SIZE, "the fill goes on without it"
 
 
+async def test_no_page_cache_call_once_the_session_is_closing(tmp_path: Path) -> None:
+    kernel = PageCache()
+    invalidated = []
+    async with make_core(tmp_path, 64 * MiB, store=kernel.store) as core:
+        core._invalidate = invalidated.append
+        write_ramp(tmp_path / "src" / "m", SIZE)
+        ino = (await core.lookup(1, b"m")).ino
+        f, _ = await core._open_lower(ino)
+        feed = core._feeder(ino, f)
+        assert feed is not None
+        await core.end_page_cache_calls()
+        assert not await feed(0, ramp(0, MiB))
+        os.utime(tmp_path / "src" / "m", ns=(1, 1))
+        await core.lookup(1, b"m")  # a change noticed: would invalidate
+        await trio.sleep(0.2)
+        assert kernel.calls == 0 and invalidated == []
+        f.unpin()
+
+
 # --- through the kernel ---
 
 

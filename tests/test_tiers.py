@@ -255,9 +255,10 @@ def test_remount_serves_from_disk(tmp_path: Path, mount_factory) -> None:
     m2 = mount_factory(src, cache_dir=cache)
     assert (m2.mnt / "model.bin").read_bytes() == ramp(0, SIZE, seed=9)
     stats = m2.stats()
-    # Read-ahead brings blocks from disk into memory, so some count as memory hits.
+    # Read-ahead brings blocks from disk into memory, so some count as memory hits, and
+    # the whole-file fetch feeds those to the page cache, where the reader finds them.
     assert stats["lower_bytes"] == 0
-    assert stats["served_disk"] > 0 and stats["served_disk"] + stats["served_memory"] >= SIZE
+    assert stats["served_disk"] > 0
 
 
 @needs_fuse
