@@ -78,11 +78,21 @@ def test_hash_then_load_crosses_the_network_once(standin: Standin, mount_factory
             assert os.pread(fd, 4096, off) == ramp(off, min(4096, SIZE - off), seed=5)
     finally:
         os.close(fd)
-    assert m.stats()["lower_bytes"] == SIZE
+    assert m.stats()["lower_bytes"] == SIZE, "the daemon reads each byte from below once"
+    _assert_about_once_over_the_network(standin, before, SIZE)
+
+
+def _assert_about_once_over_the_network(standin: Standin, before: int | None, size: int) -> None:
+    """What the server sent is the file once, give or take s3fs's own doings.
+
+    HTTP headers and s3fs's HEAD requests add a little on top of the data, and
+    when reads race, s3fs's own read-ahead sometimes fetches a range twice: up to
+    3.3% of this 24 MiB file in 1 of 35 runs, though the daemon asked for each
+    byte once (lower_bytes, checked exactly).
+    """
     after = standin.bytes_sent()
     if before is not None and after is not None:
-        # HTTP headers and s3fs's HEAD requests add a little on top of the data.
-        assert after - before <= 1.02 * SIZE
+        assert after - before <= 1.05 * size
 
 
 def test_a_tool_that_asks_for_the_sha256_then_loads_moves_the_model_once(
@@ -94,6 +104,4 @@ def test_a_tool_that_asks_for_the_sha256_then_loads_moves_the_model_once(
     assert digest == hashlib.sha256(ramp(0, SIZE, seed=5)).hexdigest()
     assert path.read_bytes() == ramp(0, SIZE, seed=5)  # the load
     assert m.stats()["lower_bytes"] == SIZE
-    after = standin.bytes_sent()
-    if before is not None and after is not None:
-        assert after - before <= 1.02 * SIZE
+    _assert_about_once_over_the_network(standin, before, SIZE)
