@@ -85,7 +85,7 @@ class _Underway:
         if self.count == 0:
             self._none.set()
 
-    async def ended(self) -> None:
+    async def wait_none(self) -> None:
         await self._none.wait()
 
 
@@ -387,7 +387,7 @@ class BlockCache:
             if self._inflight:
                 await next(iter(self._inflight.values())).done.wait()
             else:
-                await self._background.ended()
+                await self._background.wait_none()
 
     @property
     def capacity(self) -> int:
