@@ -46,6 +46,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "(default:" in text or action.default in (None, False, [], argparse.SUPPRESS):
             return text
+        if action.default is True:  # an on switch
+            return f"{text} (default: on)"
         return super()._get_help_string(action)
 
 
