@@ -76,7 +76,7 @@ def test_help_explains() -> None:
 
 
 @needs_fuse
-def test_already_mounted_and_stale_mount(dirs, mount_factory) -> None:
+def test_already_mounted_and_stale_mount(dirs, mount_factory, tmp_path: Path) -> None:
     src, _ = dirs
     m = mount_factory(src)
     assert_usage_error(fusecache_cmd("mount", str(src), str(m.mnt)), "already a mount point")
@@ -90,7 +90,8 @@ def test_already_mounted_and_stale_mount(dirs, mount_factory) -> None:
             break
         time.sleep(0.05)
     assert_usage_error(fusecache_cmd("mount", str(src), str(m.mnt)), "--force")
-    res = fusecache_cmd("mount", str(src), str(m.mnt), "--force")
+    res = fusecache_cmd("mount", str(src), str(m.mnt), "--force",
+                        "--cache-dir", str(tmp_path / "cache-forced"))
     assert res.returncode == 0, res.stderr
     assert os.listdir(m.mnt) == []
     m.unmount()

@@ -168,7 +168,8 @@ def test_foreground_mode(tree: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "fg"
     mnt.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "fusecache", "mount", "-f", str(tree),
-                             str(mnt)], stderr=subprocess.PIPE, text=True)
+                             str(mnt), "--cache-dir", str(tmp_path / "cache")],
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
         while not os.path.ismount(mnt) and time.monotonic() < deadline:
