@@ -41,6 +41,7 @@ from .run import busy_cpu_seconds, drop_caches, fusecache_mount, progress
 from .standin import (
     ACCESS_KEY,
     BUCKET,
+    DEFAULT_RATE_MBPS,
     SECRET_KEY,
     Standin,
     rclone_exe,
@@ -235,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     parser.add_argument("--out", type=Path, default=Path("bench/out/access"))
+    parser.add_argument("--rate", type=int, default=DEFAULT_RATE_MBPS, metavar="MB/S",
+                        help=f"the stand-in's bandwidth cap (default {DEFAULT_RATE_MBPS})")
     args = parser.parse_args(argv)
+    if args.rate <= 0:
+        parser.error("--rate must be a positive number of MB/s")
     if os.geteuid() != 0:
         parser.error("needs root: it drops the kernel's caches and counts bytes with tc")
     if "plain" not in args.targets:
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if "hash+load" in args.patterns:
             import safetensors.torch  # noqa: F401 - imported before the first timing, not in it
         figures = []
-        with running_standin(data_dir=Path(data)) as standin:
+        with running_standin(data_dir=Path(data), rate_mbps=args.rate) as standin:
             for pattern in args.patterns:
                 for target in args.targets:
                     fig = measure(pattern, target, standin, want_sha)
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "size": size,
+        "rate_mbps": args.rate,
         "figures": [asdict(f) for f in figures],
         "table": table,
     }
