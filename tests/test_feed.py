@@ -139,3 +139,25 @@ def test_a_mapped_load_finds_the_fed_pages(tmp_path: Path, mount_factory) -> Non
         m.unmount()
     # Fed, the rest of the load finds its pages in place instead of asking the daemon.
     assert requests["--feed-page-cache"] == 0 < requests["--no-feed-page-cache"], requests
+
+
+@needs_fuse
+def test_fed_pages_of_an_old_version_are_never_read_as_the_new_one(tmp_path: Path,
+                                                                   mount_factory) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / "model.safetensors"
+    write_ramp(path, SIZE, seed=1)
+    # Attributes trusted for a minute: the kernel does not notice the change itself,
+    # the daemon's open does (and tells it to drop the pages it was fed).
+    m: Mount = mount_factory(src)
+    with open(m.mnt / "model.safetensors", "rb") as f:  # a loader's first reads: fed whole
+        f.read(8)
+        for off in random.Random(2).sample(range(MiB, SIZE - 4096, 4096), 8):
+            f.seek(off)
+            assert f.read(4096) == ramp(off, 4096, seed=1)
+        m.settled()
+    assert m.stats()["handed_to_kernel"] > 0, "the page cache was fed"
+    write_ramp(path, SIZE, seed=2)  # the same size, other bytes, a new mtime
+    os.utime(path, ns=(1, 10**18))
+    assert (m.mnt / "model.safetensors").read_bytes() == ramp(0, SIZE, seed=2)
