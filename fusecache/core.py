@@ -374,10 +374,10 @@ class FilesystemCore:
     def _fetch_whole(self, ino: int, f: LowerFile, feed: bool) -> None:
         """The read-once rule: fetch the rest of a wanted file now (and hash it, if so set).
 
-        Only files that fit in half the memory cache: a bigger one would evict
-        its own head (or other files) before the next pass reads it.
+        Only files the cache can keep until their reader comes (see _fits_whole);
+        *feed*: hand what comes to the kernel's page cache.
         """
-        if not self._fits_whole(f):
+        if not self._fits_whole(f, feed):
             log.debug("%s: too big to fetch whole (%d bytes)", f.display, f.size)
             return
         log.debug("%s: fetching the whole file", f.display)
@@ -387,8 +387,18 @@ class FilesystemCore:
         if self.readahead.sha256 and f.key not in self._sha256 and f.key not in self._hashing:
             self._start_hash(ino, f, fill=False)
 
-    def _fits_whole(self, f: LowerFile) -> bool:
-        return f.size <= self.cache.capacity // 2
+    def _fits_whole(self, f: LowerFile, feed: bool) -> bool:
+        """Whether a whole-file fetch of *f* keeps what it fetches until a reader wants it.
+
+        In memory, a file up to half the memory cache: a bigger one would evict
+        its own head (or other files) before the next pass reads it. A fed block
+        leaves memory for the disk tier as it lands, so then the disk tier bounds it.
+        """
+        if f.size <= self.cache.capacity // 2:
+            return True
+        disk = self.cache.disk
+        return (feed and self._store is not None and disk is not None
+                and f.size <= disk.capacity // 2)
 
     def _feeder(self, ino: int, f: LowerFile) -> Callable[[int, Block], Awaitable[bool]] | None:
         """What puts blocks of *f* in the kernel's page cache of *ino* for a fill, if anything.
@@ -432,7 +442,7 @@ class FilesystemCore:
             log.info("%s: hashing %.0f MB for %s", f.display, f.size / 1e6,
                      SHA256_XATTR.decode())
         ahead = 0
-        if fill and self._fits_whole(f):
+        if fill and self._fits_whole(f, feed=True):
             f.pin()  # released by the fill
             self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel,
                                      self._feeder(ino, f))

@@ -65,6 +65,33 @@ async def test_a_fill_feeds_the_blocks_the_kernel_lacks(tmp_path: Path) -> None:
         assert stats.memory_used == SIZE - sum(len(d) for d in kernel.stored.values())
 
 
+async def test_fed_and_with_a_disk_tier_a_file_bigger_than_memory_is_fetched_whole(
+        tmp_path: Path) -> None:
+    size = 48 * MiB + 5  # over half the 64 MiB memory cache
+    kernel = PageCache()
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    async with make_core(tmp_path, 64 * MiB, disk, store=kernel.store) as core:
+        write_ramp(tmp_path / "src" / "m", size)
+        fh = await open_file(core, b"m")
+        await core.read(fh, 0, 8)
+        for off in range(24 * MiB, 40 * MiB, 2 * MiB):  # tensors, well past the head
+            assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
+        with trio.fail_after(20):
+            await core.cache.wait_idle()
+        stats = core.cache.statistics()
+        assert stats.lower_bytes == size, "fetched whole, each byte once"
+        for (_, offset), data in kernel.stored.items():
+            assert data == ramp(offset, min(MiB, size - offset))
+        assert stats.memory_used < 16 * MiB, "what was fed went on to the disk tier"
+    async with make_core(tmp_path, 64 * MiB, None) as core:  # no disk tier: memory bounds it
+        fh = await open_file(core, b"m")
+        await core.read(fh, 0, 8)
+        for off in range(24 * MiB, 40 * MiB, 2 * MiB):
+            await core.read(fh, off, 4096)
+        await core.cache.wait_idle()
+        assert core.cache.statistics().lower_bytes < size
+
+
 async def test_nothing_is_fed_once_the_file_changed(tmp_path: Path) -> None:
     kernel = PageCache()
     async with make_core(tmp_path, 64 * MiB, store=kernel.store) as core:
