@@ -68,7 +68,7 @@ class _Flight:
 
 
 class _Underway:
-    """How many background jobs are under way, and a wait for there to be none."""
+    """How many jobs of one kind are under way, and a wait for there to be none."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -140,8 +140,7 @@ class BlockCache:
         self._disk_read_limiter = trio.CapacityLimiter(4)
         # Blocks that left memory and wait for a writer; still served from here.
         self._spilling: dict[BlockKey, Block] = {}
-        self._spilled = trio.Event()  # set while _spilling is empty
-        self._spilled.set()
+        self._writes = _Underway()  # keys queued for the writers
         # Per block in memory: a bit mask of the pages a reader that keeps them
         # (the kernel page cache) has been served. See _served.
         self._kernel_pages: dict[BlockKey, int] = {}
@@ -487,8 +486,7 @@ class BlockCache:
             self._disk_writes_dropped += 1
             return
         self._spilling[key] = block
-        if self._spilled.is_set():
-            self._spilled = trio.Event()
+        self._writes.start()
 
     async def _write_to_disk(self, receive: trio.MemoryReceiveChannel[BlockKey]) -> None:
         assert self._disk is not None
@@ -501,12 +499,11 @@ class BlockCache:
                 log.exception("writing a block to the disk cache failed")
             finally:
                 self._spilling.pop(key, None)
-                if not self._spilling:
-                    self._spilled.set()
+                self._writes.end()
 
     async def wait_spilled(self) -> None:
         """Return once every block that left memory is written (or failed to be)."""
-        await self._spilled.wait()
+        await self._writes.wait_none()
 
     async def flush_to_disk(self) -> None:
         """Write every block held in memory but not on disk, most recently used first.
