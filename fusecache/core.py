@@ -343,18 +343,16 @@ class FilesystemCore:
             self.cache.forget_file(current.key)
             self._interest.pop(current.key, None)
             self._sha256.pop(current.key, None)
-            lower = LowerFile(fd, ident, self.source, self._nursery)
-            self._open_files[ino] = lower  # from here on, no store of the old version starts
-            async with self._page_cache_lock:  # and none is still under way when the
-                pass  # kernel, told the file changed, drops its pages
-            return lower, True
-        if current is not None and not current.closed:
+        elif current is not None and not current.closed:
             current.pin()
             self._nursery.start_soon(self.source.close, fd)
             return current, False
         lower = LowerFile(fd, ident, self.source, self._nursery)
-        self._open_files[ino] = lower
-        return lower, False
+        self._open_files[ino] = lower  # from here on, no store of an older version starts
+        if changed:  # and none is still under way when the kernel, told, drops its pages
+            async with self._page_cache_lock:
+                pass
+        return lower, changed
 
     async def read(self, fh: int, offset: int, size: int) -> Block:
         handle = self._handle(fh)
@@ -381,11 +379,15 @@ class FilesystemCore:
             log.debug("%s: too big to fetch whole (%d bytes)", f.display, f.size)
             return
         log.debug("%s: fetching the whole file", f.display)
+        self._start_fill(ino, f, feed)
+        if self.readahead.sha256 and f.key not in self._sha256 and f.key not in self._hashing:
+            self._start_hash(ino, f, fill=False)
+
+    def _start_fill(self, ino: int, f: LowerFile, feed: bool) -> None:
+        """Fetch the rest of *f* in the background; *feed*: into the kernel's page cache too."""
         f.pin()  # released by the fill
         self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel,
                                  self._feeder(ino, f) if feed else None)
-        if self.readahead.sha256 and f.key not in self._sha256 and f.key not in self._hashing:
-            self._start_hash(ino, f, fill=False)
 
     def _fits_whole(self, f: LowerFile, feed: bool) -> bool:
         """Whether a whole-file fetch of *f* keeps what it fetches until a reader wants it.
@@ -443,9 +445,7 @@ class FilesystemCore:
                      SHA256_XATTR.decode())
         ahead = 0
         if fill and self._fits_whole(f, feed=True):
-            f.pin()  # released by the fill
-            self._nursery.start_soon(self.cache.fill, f, self.source.readahead_parallel,
-                                     self._feeder(ino, f))
+            self._start_fill(ino, f, feed=True)
         elif fill:
             ahead = self.cache.fetch_blocks * self.source.readahead_parallel
         f.pin()  # released by the hash
