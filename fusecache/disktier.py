@@ -48,7 +48,7 @@ HEADER = struct.Struct("<8s32sQQQ")  # magic, identity digest, index, length, xx
 DATA_OFFSET = 4096
 UNIT = 8  # blocks per file
 NOTE_SUFFIX = ".note"  # beside the unit files: small values kept per identity
-PROBE_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"  # a note or the O_DIRECT probe, before it is renamed or gone
 
 
 def checksum(data: Block) -> int:
@@ -270,8 +270,9 @@ class DiskTier:
         """Delete every block and note of one source identity (its content changed)."""
         digest = self._digest(file_key)
         with self._lock:
-            for _, idx in self._index.discard_file(digest):
-                self._unit_path(digest, idx).unlink(missing_ok=True)
+            units = {idx // UNIT for _, idx in self._index.discard_file(digest)}
+            for unit in units:  # once per file, not once per block in it
+                self._unit_path(digest, unit * UNIT).unlink(missing_ok=True)
         for note in (self.root / digest.hex()).glob(f"*{NOTE_SUFFIX}"):
             note.unlink(missing_ok=True)
 
@@ -291,7 +292,7 @@ class DiskTier:
     def set_note(self, file_key: Hashable, name: str, value: bytes) -> None:
         """Keep *value* for one source identity, across remounts. Best effort."""
         path = self._note_path(file_key, name)
-        tmp = path.with_name(path.name + PROBE_SUFFIX)
+        tmp = path.with_name(path.name + TMP_SUFFIX)
         try:
             path.parent.mkdir(mode=0o700, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -399,7 +400,7 @@ def _page_aligned(data: Block) -> bool:
 
 def _accepts_direct_io(directory: Path) -> bool:
     """Whether files in *directory* can be written and read with O_DIRECT."""
-    probe = directory / f".direct-probe-{os.getpid()}{PROBE_SUFFIX}"
+    probe = directory / f".direct-probe-{os.getpid()}{TMP_SUFFIX}"
     page = mmap.mmap(-1, DATA_OFFSET)
     try:
         fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT,
