@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -17,15 +18,27 @@ from pathlib import Path
 from . import models, workload
 from .standin import BUCKET, DEFAULT_RATE_MBPS, Standin, running_standin
 
+# Rounds of fusecache's second switches (each model's median counts). They come
+# from the page cache, a few seconds a round, and one round swung by +-0.1x of
+# the local loads; the plain mount's second switches cross the network, so once.
+SECOND_ROUNDS = 3
+
 
 @dataclass
 class SwitchResult:
     model: str
     size: int
     first_s: float = 0.0
-    second_s: float = 0.0
+    second_s: float = 0.0  # the median of second_runs
     first_lower_bytes: int | None = None
-    second_lower_bytes: int | None = None
+    second_lower_bytes: int | None = None  # over every round of second switches
+    second_runs: list[float] = field(default_factory=list)
+
+    def add_second(self, seconds: float, lower_bytes: int | None) -> None:
+        self.second_runs.append(seconds)
+        self.second_s = statistics.median(self.second_runs)
+        if lower_bytes is not None:
+            self.second_lower_bytes = (self.second_lower_bytes or 0) + lower_bytes
 
 
 @dataclass
@@ -54,20 +67,16 @@ class Ideal:
 
     A first switch at best moves every byte once at the plain mount's best
     throughput, then loads from memory; a second switch at best is the same load
-    from a local file in the page cache. The local loads are the second switches
-    of a third case, `local`, run over the local files exactly as the other two
-    (every first switch, then every second switch, in one process), so they meet
-    the loading process in the same state. Measured: right after a round of first
-    switches, a load faults its fresh tensors in 4 KiB at a time (190,000 faults
-    for a 794 MB model, 18,000 later) wherever the file lives; local loads timed
-    on their own missed that and made every mount look 2-3x slower than local.
+    from a local file in the page cache. Each local load runs right after the same
+    load through fusecache, so both meet the machine in the same state (what the
+    daemon holds, what the VM reclaims, the host's noise). Run as a case of its
+    own at the start, the local loads gave 0.96-1.24 s over six runs, and which
+    side of a target fusecache fell depended on it.
     """
 
     plain_best_bps: float  # the plain mount read by 4 threads at once (seq-4)
-    local: CaseResult  # first, then second switches over local files in the page cache
-    # Local loads again, after fusecache's second switches with its daemon still
-    # running: does what the daemon holds slow the machine's other loads?
-    local_load_after_s: float | None = None
+    local_root: Path
+    local: CaseResult  # second switches over local files in the page cache, paired
 
     @property
     def total_bytes(self) -> int:
@@ -83,7 +92,7 @@ class Ideal:
 
 
 def measure_ideal(plain_root: Path, local_root: Path, names: list[str]) -> Ideal:
-    """The ideal switch times: the plain mount's best throughput and local page-cache loads."""
+    """The plain mount's best throughput; the local loads come later, paired (run_case)."""
     largest = max(names, key=lambda n: (local_root / n).stat().st_size)
     best = 0.0
     for _ in range(2):  # the better of two: this is the plain mount at its best
@@ -91,20 +100,8 @@ def measure_ideal(plain_root: Path, local_root: Path, names: list[str]) -> Ideal
         got = workload.read_parallel(plain_root / largest, 4)
         best = max(best, got / (time.perf_counter() - t0))
     progress(f"plain mount, 4 readers: {best / 1e6:,.0f} MB/s over {largest}")
-    for name in names:  # the local case's files in the page cache, as after a first switch
-        workload.read_whole(local_root / name)
-    return Ideal(best, run_case("local", local_root, names, lambda: None))
-
-
-def local_loads(local_root: Path, names: list[str]) -> float:
-    """Seconds to load every model from a local file already in the page cache."""
-    total = 0.0
-    for name in names:
-        workload.read_whole(local_root / name)  # warm
-        t0 = time.perf_counter()
-        workload.second_switch(local_root / name)
-        total += time.perf_counter() - t0
-    return total
+    local = CaseResult("local", [SwitchResult(n, (local_root / n).stat().st_size) for n in names])
+    return Ideal(best, local_root, local)
 
 
 def progress(msg: str, tag: str = "bench") -> None:
@@ -178,10 +175,13 @@ def _daemon_served(mnt: Path) -> int:
 
 
 def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int | None],
-             daemon: Path | None = None) -> CaseResult:
-    """First switch to every model in turn, then a second switch to every model.
+             daemon: Path | None = None, ideal: Ideal | None = None, rounds: int = 1
+             ) -> CaseResult:
+    """First switch to every model in turn, then *rounds* of second switches to every model.
 
-    *daemon* is the fusecache mount whose counters to read, if any.
+    *daemon* is the fusecache mount whose counters to read, if any. With *ideal*,
+    each second switch is followed by the same load from the local file, timed
+    into ideal.local.
     """
     case = CaseResult(name)
     for i, model in enumerate(names, 1):
@@ -190,11 +190,22 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
         r.first_s, r.first_lower_bytes = _timed(workload.first_switch, path, counter)
         progress(f"{name}: first switch {i}/{len(names)} {model} {r.first_s:.2f} s")
         case.switches.append(r)
+    if ideal is not None:
+        for model in names:  # in the page cache, as after a first switch
+            workload.read_whole(ideal.local_root / model)
     served_before = _daemon_served(daemon) if daemon else 0
     reclaim_before, proactive_before = direct_reclaim(), proactive_reclaim()
-    for i, r in enumerate(case.switches, 1):
-        r.second_s, r.second_lower_bytes = _timed(workload.second_switch, root / r.model, counter)
-        progress(f"{name}: second switch {i}/{len(names)} {r.model} {r.second_s:.2f} s")
+    for round_ in range(1, rounds + 1):
+        for i, r in enumerate(case.switches, 1):
+            r.add_second(*_timed(workload.second_switch, root / r.model, counter))
+            line = f"{r.second_runs[-1]:.2f} s"
+            if ideal is not None:
+                local = ideal.local.switches[i - 1]
+                local.add_second(*_timed(workload.second_switch, ideal.local_root / r.model,
+                                         lambda: None))
+                line += f", local {local.second_runs[-1]:.2f} s"
+            progress(f"{name}: second switch {i}/{len(names)}"
+                     f"{f' (round {round_}/{rounds})' if rounds > 1 else ''} {r.model} {line}")
     if daemon:
         case.daemon_served_second = _daemon_served(daemon) - served_before
     case.direct_reclaim_second = direct_reclaim() - reclaim_before
@@ -261,12 +272,18 @@ def format_ideal(cached: CaseResult, ideal: Ideal) -> str:
         f"ideal first switches: {ideal.first_s:.2f} s (every byte once at the plain mount's "
         f"best, {ideal.plain_best_bps / 1e6:,.0f} MB/s with 4 readers, then loads from memory); "
         f"fusecache takes {cached.total('first_s') / ideal.first_s:.2f}x that",
-        f"ideal second switches: {ideal.second_s:.2f} s (the local case's, from the page "
-        f"cache); "
-        f"fusecache takes {cached.total('second_s') / ideal.second_s:.2f}x that",
-        *([f"local loads again, after fusecache's second switches, its daemon still running: "
-           f"{ideal.local_load_after_s:.2f} s"] if ideal.local_load_after_s is not None else []),
+        f"ideal second switches: {ideal.second_s:.2f} s (the same loads from local files in "
+        f"the page cache, each right after fusecache's); fusecache takes "
+        f"{cached.total('second_s') / ideal.second_s:.2f}x that",
+        "  rounds, fusecache / local: " + ", ".join(
+            f"{f:.2f} / {loc:.2f} s" for f, loc in zip(_round_totals(cached),
+                                                      _round_totals(ideal.local), strict=True)),
     ])
+
+
+def _round_totals(case: CaseResult) -> list[float]:
+    """Seconds of each round of second switches, all models."""
+    return [sum(r) for r in zip(*(s.second_runs for s in case.switches), strict=True)]
 
 
 def plot(cases: list[CaseResult], path: Path) -> None:
@@ -298,6 +315,8 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
     """
     rate_mbps = rate_mbps or DEFAULT_RATE_MBPS
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not workload.steady_allocator():
+        progress("no mallopt here: load times depend on the loads before them")
     with contextlib.ExitStack() as stack:
         counter: Callable[[], int | None] = lambda: None  # noqa: E731
         ideal: Ideal | None = None
@@ -316,10 +335,9 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
             ideal = measure_ideal(source, data / BUCKET, names)
         cases = [run_case("plain", source, names, counter)]
         with fusecache_mount(source, mount_options) as mnt:
-            cases.append(run_case("fusecache", mnt, names, counter, daemon=mnt))
+            cases.append(run_case("fusecache", mnt, names, counter, daemon=mnt, ideal=ideal,
+                                  rounds=SECOND_ROUNDS))
             daemon = daemon_stats(mnt)
-            if ideal is not None:  # the same local loads with the daemon's memory in use
-                ideal.local_load_after_s = local_loads(data / BUCKET, names)
     table = format_table(cases, ideal.local if ideal else None) + (
         f"\nfusecache daemon: served {_mb(daemon['served_memory'])} MB from memory, "
         f"{_mb(daemon['served_disk'])} MB from disk, {_mb(daemon['served_lower'])} MB from "
@@ -332,7 +350,7 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
             for c in cases)
         + "; paged out by DAMON (the VM's proactive reclaim): " + ", ".join(
             f"{c.name} {_mb(c.proactive_reclaim_second)}"
-            for c in [*([ideal.local] if ideal else []), *cases]))
+            for c in cases))
     if ideal is not None:
         table += "\n" + format_ideal(cases[1], ideal)
     print(table)
@@ -347,8 +365,9 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
                    "proactive_reclaim_second": c.proactive_reclaim_second,
                    "switches": [asdict(s) for s in c.switches]} for c in cases],
         "daemon_statistics": daemon,
-        "ideal": None if ideal is None else {**asdict(ideal), "first_s": ideal.first_s,
-                                              "second_s": ideal.second_s},
+        "ideal": None if ideal is None else {
+            "plain_best_bps": ideal.plain_best_bps, "local": asdict(ideal.local),
+            "first_s": ideal.first_s, "second_s": ideal.second_s},
         "table": table,
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
