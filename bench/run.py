@@ -191,8 +191,8 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
         progress(f"{name}: first switch {i}/{len(names)} {model} {r.first_s:.2f} s")
         case.switches.append(r)
     if ideal is not None:
-        for model in names:  # in the page cache, as after a first switch
-            workload.read_whole(ideal.local_root / model)
+        for model in names:
+            workload.page_in(ideal.local_root / model)
     served_before = _daemon_served(daemon) if daemon else 0
     reclaim_before, proactive_before = direct_reclaim(), proactive_reclaim()
     for round_ in range(1, rounds + 1):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from fusecache.bench import folios
 from fusecache.bench.run import CaseResult, Ideal, SwitchResult, format_ideal
 
 
@@ -39,3 +42,12 @@ def test_steady_allocator_takes_on_glibc() -> None:
     # In a child: the thresholds would stay set for the rest of this test process.
     code = "from fusecache.bench import workload; raise SystemExit(not workload.steady_allocator())"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="page frame numbers are root's to read")
+def test_folio_sizes_cover_every_page(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(3 << 20))
+    sizes = folios.folio_sizes(path)
+    assert sum(size * n for size, n in sizes.items()) == 3 << 20
+    assert folios.main([str(path)]) == 0
