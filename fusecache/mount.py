@@ -226,9 +226,22 @@ def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):
+            _remove_pidfile(pidfile, pid)
             return
         time.sleep(0.05)
     raise MountError(f"unmounted {mountpoint}, but daemon {pid} is still running")
+
+
+def _remove_pidfile(pidfile: Path, pid: int) -> None:
+    """Remove *pidfile* if it still names *pid*, now gone.
+
+    A daemon that exits removes its own; one that was killed leaves it behind.
+    """
+    try:
+        if int(pidfile.read_text()) == pid:
+            pidfile.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def _alive(pid: int) -> bool:

@@ -91,7 +91,8 @@ def test_already_mounted_and_stale_mount(dirs, mount_factory, tmp_path: Path) ->
         time.sleep(0.05)
     assert_usage_error(fusecache_cmd("mount", str(src), str(m.mnt)), "--force")
     res = fusecache_cmd("mount", str(src), str(m.mnt), "--force",
-                        "--cache-dir", str(tmp_path / "cache-forced"))
+                        "--cache-dir", str(tmp_path / "cache-forced"),
+                        "--log-file", str(tmp_path / "forced.log"))
     assert res.returncode == 0, res.stderr
     assert os.listdir(m.mnt) == []
     m.unmount()

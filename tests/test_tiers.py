@@ -292,6 +292,7 @@ def test_kill_9_mid_read_leaves_no_bad_block(tmp_path: Path, mount_factory) -> N
     reader.join(10)
     res = fusecache_cmd("umount", str(m.mnt))  # clears the stale mount
     assert res.returncode == 0, res.stderr
+    assert not pidfile_for(m.mnt).exists()  # the killed daemon's, removed by umount
     m2 = mount_factory(src, cache_dir=cache)
     assert (m2.mnt / "model.bin").read_bytes() == ramp(0, size, seed=4)
     assert m2.stats()["validation_failures"] == 0
