@@ -19,6 +19,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PFN_MASK = (1 << 55) - 1
 PRESENT = 1 << 63
@@ -52,9 +54,7 @@ def folio_sizes(path: Path, limit: int = 1 << 30) -> Counter[int]:
 
 
 def _address(m: mmap.mmap) -> int:
-    import numpy as np
-
-    return int(np.frombuffer(m, dtype=np.uint8).__array_interface__["data"][0])
+    return int(np.frombuffer(m, np.uint8).ctypes.data)
 
 
 def _page_flags(base: int, pages: int) -> list[int]:

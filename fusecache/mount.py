@@ -146,7 +146,7 @@ def run_daemon(config: MountConfig, log_file: Path, setup_logging: Callable[[], 
             ready(f"daemon failed: {exc!r} (see {log_file})")
             code = 1
         finally:
-            pidfile.unlink(missing_ok=True)
+            _remove_pidfile(pidfile, os.getpid())
         os._exit(code)
     os.close(wfd)
     answer = _read_answer(rfd, READY_TIMEOUT)
@@ -233,9 +233,10 @@ def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
 
 
 def _remove_pidfile(pidfile: Path, pid: int) -> None:
-    """Remove *pidfile* if it still names *pid*, now gone.
+    """Remove *pidfile* if it still names *pid*, gone or going.
 
-    A daemon that exits removes its own; one that was killed leaves it behind.
+    A daemon that exits removes its own; one that was killed leaves it behind for
+    `unmount`. Either way, a file a newer daemon wrote at the same mountpoint stays.
     """
     try:
         if int(pidfile.read_text()) == pid:
