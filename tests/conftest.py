@@ -70,6 +70,7 @@ async def make_core(tmp_path: Path, mem: int, disk: DiskTier | None = None,
     config = replace(CacheConfig(), mem_bytes=mem)
     pool = pool_class(implementation)(config.block_size)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(source.run)
         cache = BlockCache(config, source, nursery, disk, pool)
         yield FilesystemCore(source, cache, nursery, store=store)
         nursery.cancel_scope.cancel()
@@ -146,3 +147,22 @@ def mount_factory(tmp_path: Path) -> Iterator:
             if os.path.ismount(mnt):
                 fusecache_cmd("umount", str(mnt))
             force_unmount(mnt)
+
+
+@pytest.fixture
+def faultfs(tmp_path: Path) -> Iterator:
+    """tests/faultfs.py serving tmp_path/backing at tmp_path/lower, switched by the test.
+
+    Yields its FaultFSController; at the end, even after a failure, hung operations
+    are released, the mount is gone and the process stopped.
+    """
+    from tests.faultfs import FaultFSController
+
+    (tmp_path / "backing").mkdir()
+    (tmp_path / "lower").mkdir()
+    fs = FaultFSController(tmp_path / "backing", tmp_path / "lower",
+                           tmp_path / "faultfs.json", tmp_path / "faultfs.log")
+    try:
+        yield fs
+    finally:
+        fs.close()
