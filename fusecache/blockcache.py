@@ -17,7 +17,7 @@ from fusecache.config import CacheConfig
 from fusecache.disktier import DiskTier
 from fusecache.errors import LowerError
 from fusecache.lru import BlockKey, ScanResistantLRU
-from fusecache.source import LowerSource
+from fusecache.source import Identity, LowerSource, SourceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,13 @@ class CachedFile(Protocol):
     """What the cache needs to know of an open lower file."""
 
     key: Hashable
+    ident: Identity
     size: int
-    fd: int
     display: str
 
     def pin(self) -> None: ...
     def unpin(self) -> None: ...
+    async def lower_fd(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class BlockCache:
     # rule): a block is written when it leaves memory, not when it arrives, so a
     # model that fits in memory costs no disk writes at all (they cost 0.8 CPU-s
     # per GB on this machine, a tenth of a cold read). Blocks waiting for a writer
-    # are held outside the memory budget, at most this many; beyond that a block
+    # are held outside the memory budget, at most this many (256 MiB, part of the
+    # daemon's overhead above --mem-cache in docs/design.md); beyond that a block
     # that leaves is not written rather than growing memory without bound.
     SPILL_HELD = 256
     # One writer fell behind a 240 MB/s reader (117 of 400 blocks dropped); four
@@ -541,16 +543,19 @@ class BlockCache:
         bs = self.block_size
         sizes = [min(bs, f.size - (first + i) * bs) for i in range(len(keys))]
         error: str | None = None
+        quiet = False  # the source logs its own outage once, not once per fetch
         blocks: list[Block] = []
         try:
-            blocks = await self._source.read_blocks(self._pool, f.fd, first * bs, sizes,
+            fd = await f.lower_fd()
+            blocks = await self._source.read_blocks(self._pool, fd, first * bs, sizes, f.ident,
                                                     readahead)
             self._lower_reads += 1
             self._lower_bytes += sum(len(b) for b in blocks)
             if [len(b) for b in blocks] != sizes:
                 error = f"{f.display}: lower file is shorter than its size said (changed?)"
-        except OSError as exc:
+        except (OSError, LowerError) as exc:
             error = f"{f.display}: lower read at {first * bs} failed: {exc}"
+            quiet = isinstance(exc, SourceUnavailable)
         except trio.Cancelled:
             error = f"{f.display}: read cancelled (unmounting)"
             raise
@@ -559,7 +564,7 @@ class BlockCache:
                 error = f"{f.display}: lower read at {first * bs} did not complete"
             if error is not None:
                 self._lower_errors += 1
-                log.error("%s", error)
+                log.log(logging.DEBUG if quiet else logging.ERROR, "%s", error)
             self._release(keys, flights, blocks if error is None else None, error)
             f.unpin()
 

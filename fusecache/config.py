@@ -91,10 +91,20 @@ class SourceConfig:
     # Read-ahead fetches in flight at once. Measured on the stand-in (8 MiB fetches,
     # one cold reader): 4 -> 286 MB/s, 8 -> 313 MB/s, 16 -> 276-290 MB/s.
     readahead_threads: int = 8
-    # A lower read that takes longer fails with EIO instead of hanging the reader.
-    # ossfs retries a failed GET for about a minute; two minutes covers a slow
-    # but working store and still ends a dead one.
-    read_timeout: float = 120.0
+    # Every call on the lower mount (open, stat, listdir, readlink, xattrs, statfs,
+    # reads) that takes longer fails with EIO, and marks the source unhealthy until
+    # a probe gets an answer. 30 s: an 8 MiB read of a working store at a mere
+    # 1 MB/s still fits, while a reader of a dead one gets its error within a
+    # minute, counting the kernel's one retry, well inside a function's
+    # invocation timeout. ossfs and s3fs retry a stalled request for minutes on
+    # their own, so without a bound a dead store hangs every reader that long.
+    timeout: float = 30.0
+    # A question the lower mount answered before (a stat, a listing, which
+    # version of a file is current) waits this long for a fresh answer, then gets
+    # the last one while the fresh one is still asked for. A HEAD or LIST of a
+    # working store takes tens of milliseconds; a cached model stays readable
+    # within a second however the store fares.
+    stale_after: float = 0.3
 
 
 @dataclass(frozen=True)

@@ -11,19 +11,22 @@ import os
 import re
 import stat
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
+from typing import Any, TypeVar
 
 import trio
 
 from fusecache.blockcache import BlockCache
 from fusecache.blockio import Block
 from fusecache.config import ReadaheadConfig
-from fusecache.errors import FsError, LowerError
+from fusecache.errors import PASSTHROUGH_ERRNOS, FsError, LowerError
 from fusecache.readahead import FileInterest, SequentialStream
-from fusecache.source import Identity, LowerSource
+from fusecache.source import Identity, LowerSource, Version, version_of
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ROOT_INODE = 1  # the FUSE protocol's fixed root inode
 # `getfattr -n user.fusecache.stats MOUNTPOINT` prints the daemon's counters as JSON.
@@ -52,34 +55,88 @@ class Attr:
 
 
 class LowerFile:
-    """An open lower file shared by every handle on one version of it.
+    """One version of a lower file, shared by every handle on it.
 
-    The fd stays open while a handle or a fetch holds a pin, and is closed
-    (in a worker thread, as the lower mount may block on close) after the last.
+    Its fd stays open while a handle or a fetch holds a pin, and is closed (in a
+    worker thread, as the lower mount may block on close) after the last. A
+    version served from what was last known, while the lower mount is slow or
+    gone, has no fd until a fetch needs one: `lower_fd` opens the file again and
+    refuses a file that is no longer this version.
     """
 
-    def __init__(self, fd: int, ident: Identity, source: LowerSource, nursery: trio.Nursery):
-        self.fd = fd
+    def __init__(self, ident: Identity, source: LowerSource, nursery: trio.Nursery):
+        self.fd: int | None = None
         self.ident = ident
         self.key: Hashable = ident.key()
         self.size = ident.size
         self.display = os.fsdecode(ident.path)
-        self._pins = 1
+        self._pins = 0
         self._source = source
         self._nursery = nursery
-
-    @property
-    def closed(self) -> bool:
-        return self._pins == 0
+        self._opening = trio.Lock()
 
     def pin(self) -> None:
-        assert self._pins > 0, "pin on a closed lower file"
         self._pins += 1
 
     def unpin(self) -> None:
         self._pins -= 1
-        if self._pins == 0:
-            self._nursery.start_soon(self._source.close, self.fd)
+        assert self._pins >= 0, "unpin without a pin"
+        if self._pins == 0 and self.fd is not None:
+            fd, self.fd = self.fd, None
+            self._nursery.start_soon(self._source.close, fd)
+
+    def attach(self, fd: int) -> None:
+        """Take *fd*, open on this version, unless it has one or nobody holds a pin."""
+        if self.fd is None and self._pins > 0:
+            self.fd = fd
+        else:
+            self._nursery.start_soon(self._source.close, fd)
+
+    async def lower_fd(self) -> int:
+        """An fd open on this version, for a caller holding a pin; opens one if need be."""
+        async with self._opening:
+            if self.fd is None:
+                fd, ident = await self._source.open(self.ident.path)
+                if ident.key() != self.key:
+                    self._nursery.start_soon(self._source.close, fd)
+                    raise LowerError(f"{self.display} changed on the lower mount since it "
+                                     "was opened")
+                self.attach(fd)
+        assert self.fd is not None, "lower_fd without a pin"
+        return self.fd
+
+
+@dataclass
+class _Asking:
+    """A question to the lower mount under way; later askers wait for the same answer."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+    waiters: int = 0  # open(): pins reserved for askers still waiting
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """A known answer that is an error (ENOENT, ENODATA...): served by raising it again."""
+
+    errno: int
+    strerror: str
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Whether *exc* says the lower mount could not answer, rather than what it answered."""
+    if isinstance(exc, LowerError):
+        return True
+    return isinstance(exc, OSError) and exc.errno not in PASSTHROUGH_ERRNOS
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 @dataclass
@@ -101,11 +158,15 @@ class FilesystemCore:
     kernel page cache must be dropped because the lower file changed.
     *store* (inode, offset, data), called in a worker thread, puts data in the
     kernel's page cache of an inode (FUSE notify_store); None: never.
-    """
 
-    # A store takes a millisecond or two per block; one still going after this
-    # is stuck on a page the kernel holds locked.
-    PAGE_CACHE_CALL_GRACE = 5.0
+    The lower mount's answers (stat, listings, links, xattrs, statfs, which
+    version of a file is current) are kept. When the lower mount has no answer
+    within `stale_after` seconds, or is known not to be answering, a question
+    asked before gets the last answer, and the fresh one, once it comes,
+    replaces it: a file found changed then is dropped from every cache, as on
+    any change. So cached files stay readable while the lower mount hangs or is
+    gone, and nothing waits on it that has been answered before.
+    """
 
     def __init__(
         self,
@@ -122,6 +183,7 @@ class FilesystemCore:
         self._nursery = nursery
         self._invalidate = invalidate
         self._store = store if self.readahead.feed_page_cache else None
+        self._stale_after = source.stale_after
         # Held around each store into the page cache and each invalidation of it,
         # so a store of an old version's bytes cannot land after the kernel was
         # told to drop that version's pages (see _feeder).
@@ -131,8 +193,12 @@ class FilesystemCore:
         # Inode numbers stay fixed for a path for the life of the mount; the
         # table is never trimmed (a model tree has thousands of names, not billions).
         self._next_ino = count(ROOT_INODE + 1)
-        self._version: dict[int, tuple[int, int]] = {}  # ino -> (size, mtime_ns) last seen
-        self._open_files: dict[int, LowerFile] = {}  # ino -> newest open version
+        self._version: dict[int, Version] = {}  # ino -> as the lower mount last showed it
+        self._open_files: dict[int, LowerFile] = {}  # ino -> newest version opened
+        # The lower mount's last answer to each question, and the questions under way.
+        self._known: dict[Hashable, Any] = {}
+        self._asking: dict[Hashable, _Asking] = {}
+        self._stale_answers = 0
         self._interest: dict[Hashable, FileInterest] = {}  # by file version
         self._sha256: dict[Hashable, str] = {}  # by file version
         self._hashing: dict[Hashable, trio.Event] = {}  # by file version: set when it ends
@@ -158,8 +224,6 @@ class FilesystemCore:
         return ino
 
     def _attr(self, ino: int, st: os.stat_result) -> Attr:
-        if stat.S_ISREG(st.st_mode):
-            self._note_version(ino, st.st_size, st.st_mtime_ns)
         return Attr(
             ino=ino,
             # Read-only: the kernel then refuses writes before they reach us.
@@ -176,34 +240,90 @@ class FilesystemCore:
             ctime_ns=st.st_ctime_ns,
         )
 
-    def _note_version(self, ino: int, size: int, mtime_ns: int) -> None:
+    def _note_version(self, ino: int, version: Version) -> None:
         """Record the lower file's version; on a change drop the kernel's pages of it.
 
         Our own blocks are keyed by identity, so a changed file never matches
         them; open() deletes the old version's blocks.
         """
         old = self._version.get(ino)
-        self._version[ino] = (size, mtime_ns)
-        if old is None or old == (size, mtime_ns):
+        self._version[ino] = version
+        if old is None or old == version:
             return
         log.info("%s changed on the lower mount; dropping cached data",
                  os.fsdecode(self._path_of.get(ino, b"?")))
         self._nursery.start_soon(self._invalidate_page_cache, ino)
 
-    async def end_page_cache_calls(self) -> None:
+    async def _answer(self, key: Hashable, ask: Callable[[], Awaitable[T]]) -> T:
+        """The lower mount's answer to *ask*, or the last one if it has none in time.
+
+        A question never answered before waits for the lower mount (within its
+        timeout). One answered before waits at most `stale_after` seconds, and not
+        at all while the lower mount is slow or not answering; the question goes
+        on in the background and its answer replaces the known one. A known
+        answer may be an error (ENOENT, ENODATA), raised again.
+        """
+        if key not in self._known:
+            try:
+                result = await ask()
+            except OSError as exc:
+                if not _unavailable(exc):
+                    self._known[key] = _Refusal(exc.errno or errno.EIO, exc.strerror or "")
+                raise
+            self._known[key] = result
+            return result
+        asking = self._asking.get(key)
+        if asking is None:
+            asking = self._asking[key] = _Asking()
+            self._nursery.start_soon(self._ask, key, ask, asking)
+        if self.source.answering(self._stale_after):
+            with trio.move_on_after(self._stale_after):
+                await asking.done.wait()
+        if not asking.done.is_set() or (asking.error is not None
+                                        and _unavailable(asking.error)):
+            self._stale_answers += 1
+        known = self._known[key]
+        if isinstance(known, _Refusal):
+            raise OSError(known.errno, known.strerror)
+        return known  # type: ignore[no-any-return]
+
+    async def _ask(self, key: Hashable, ask: Callable[[], Awaitable[object]],
+                   asking: _Asking) -> None:
+        try:
+            self._known[key] = await ask()
+        except OSError as exc:
+            asking.error = exc
+            if not _unavailable(exc):
+                self._known[key] = _Refusal(exc.errno or errno.EIO, exc.strerror or "")
+            else:
+                log.debug("no fresh answer to %r: %s", key, exc)
+        finally:
+            del self._asking[key]
+            asking.done.set()
+
+    async def _stat(self, path: bytes) -> os.stat_result:
+        return await self._answer(("stat", path), lambda: self._fresh_stat(path))
+
+    async def _fresh_stat(self, path: bytes) -> os.stat_result:
+        st = await self.source.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            self._note_version(self._ino_for(path), version_of(st))
+        return st
+
+    async def end_page_cache_calls(self, grace: float) -> None:
         """Store into or invalidate the kernel's page cache no more: the session closes.
 
-        Waits, at most PAGE_CACHE_CALL_GRACE seconds, for a call under way; one
-        that goes on (it would be stuck on a page the kernel holds locked) is logged.
+        Waits, at most *grace* seconds, for a call under way; one that goes on
+        (it would be stuck on a page the kernel holds locked) is logged.
         """
         self._store = None
         self._invalidate = lambda ino: None
-        with trio.move_on_after(self.PAGE_CACHE_CALL_GRACE) as waited:
+        with trio.move_on_after(grace) as waited:
             async with self._page_cache_lock:
                 pass
         if waited.cancelled_caught:
-            log.warning("a page-cache store or invalidation was still under way after %.0f s",
-                        self.PAGE_CACHE_CALL_GRACE)
+            log.warning("a page-cache store or invalidation was still under way after %.1f s",
+                        grace)
 
     async def _invalidate_page_cache(self, ino: int) -> None:
         async with self._page_cache_lock:
@@ -218,24 +338,25 @@ class FilesystemCore:
     async def lookup(self, parent: int, name: bytes) -> Attr:
         parent_path = self.path_of(parent)
         path = parent_path + b"/" + name if parent_path else name
-        st = await self.source.lstat(path)
+        st = await self._stat(path)
         return self._attr(self._ino_for(path), st)
 
     async def getattr(self, ino: int) -> Attr:
-        return self._attr(ino, await self.source.lstat(self.path_of(ino)))
+        return self._attr(ino, await self._stat(self.path_of(ino)))
 
     async def readlink(self, ino: int) -> bytes:
-        return await self.source.readlink(self.path_of(ino))
+        path = self.path_of(ino)
+        return await self._answer(("readlink", path), lambda: self.source.readlink(path))
 
     async def opendir(self, ino: int) -> int:
         """Snapshot a directory's entries with attributes; return a handle for readdir."""
         path = self.path_of(ino)
-        names = sorted(await self.source.listdir(path))
+        names = sorted(await self._answer(("listdir", path), lambda: self.source.listdir(path)))
         entries = []
         for name in names:
             child = path + b"/" + name if path else name
             try:
-                st = await self.source.lstat(child)
+                st = await self._stat(child)
             except FileNotFoundError:
                 continue  # removed between listing and stat
             entries.append((name, self._attr(self._ino_for(child), st)))
@@ -251,22 +372,32 @@ class FilesystemCore:
         self._dir_listings.pop(fh, None)
 
     async def statfs(self) -> os.statvfs_result:
-        return await self.source.statvfs()
+        return await self._answer(("statfs",), self.source.statvfs)
 
     def statistics(self) -> dict[str, int]:
         """Every counter of the daemon, flat, for stats output."""
+        src = self.source.statistics()
         return {"read_requests": self.read_requests,
-                **dataclasses.asdict(self.cache.statistics())}
+                **dataclasses.asdict(self.cache.statistics()),
+                "source_healthy": int(src.healthy),
+                "source_timeouts": src.timeouts,
+                "source_failed_fast": src.failed_fast,
+                "abandoned_threads": src.abandoned_threads,
+                "stale_answers": self._stale_answers,
+                "rss_bytes": _rss_bytes()}
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT_INODE and name == STATS_XATTR:
             return json.dumps(self.statistics()).encode()
         if name == SHA256_XATTR:
             return (await self._sha256_of(ino)).encode()
-        return await self.source.getxattr(self.path_of(ino), name)
+        path = self.path_of(ino)
+        return await self._answer(("xattr", path, name),
+                                  lambda: self.source.getxattr(path, name))
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        names = await self.source.listxattr(self.path_of(ino))
+        path = self.path_of(ino)
+        names = list(await self._answer(("xattrs", path), lambda: self.source.listxattr(path)))
         if await self._known_sha256(ino) is not None:
             names.append(SHA256_XATTR)
         return names
@@ -276,8 +407,8 @@ class FilesystemCore:
         lower = self._open_files.get(ino)
         if lower is None or lower.key not in self._sha256:
             return None
-        st = await self.source.lstat(self.path_of(ino))
-        if (st.st_size, st.st_mtime_ns) != (lower.ident.size, lower.ident.mtime_ns):
+        st = await self._stat(self.path_of(ino))
+        if version_of(st) != lower.ident.version:
             return None
         return self._sha256[lower.key]
 
@@ -330,25 +461,72 @@ class FilesystemCore:
         """The lower file as the lower mount has it now, pinned for the caller.
 
         Also says whether it changed since it was last opened; the old
-        version's blocks, interest and digest are dropped then.
+        version's blocks, interest and digest are dropped then. When the lower
+        mount has no answer in time (see _answer), the version opened last is
+        served, unless a stat has shown a newer one since.
         """
-        fd, ident = await self.source.open(self.path_of(ino))
-        self._note_version(ino, ident.size, ident.mtime_ns)
+        path = self.path_of(ino)
+        known = self._open_files.get(ino)
+        if known is None or self._version.get(ino) != known.ident.version:
+            fd, ident = await self.source.open(path)
+            return await self._adopt(ino, fd, ident)
+        asking = self._asking.get(("open", ino))
+        if asking is None:
+            asking = self._asking[("open", ino)] = _Asking()
+            self._nursery.start_soon(self._reopen, ino, path, asking)
+        if self.source.answering(self._stale_after):
+            asking.waiters += 1
+            with trio.move_on_after(self._stale_after):
+                await asking.done.wait()
+            if asking.done.is_set():  # a pin was reserved for us, if it went well
+                if asking.error is None:
+                    return asking.result  # type: ignore[no-any-return]
+                if not _unavailable(asking.error):
+                    err = asking.error
+                    raise OSError(getattr(err, "errno", errno.EIO), str(err))
+            else:
+                asking.waiters -= 1
+        self._stale_answers += 1
+        known.pin()
+        return known, False
+
+    async def _reopen(self, ino: int, path: bytes, asking: _Asking) -> None:
+        """Open the lower file for _open_lower's askers, pinning it once for each still waiting."""
+        try:
+            fd, ident = await self.source.open(path)
+            lower, changed = await self._adopt(ino, fd, ident)
+            for _ in range(asking.waiters):
+                lower.pin()
+            asking.result = (lower, changed)
+            lower.unpin()
+        except OSError as exc:
+            asking.error = exc
+            log.debug("%s: no fresh open: %s", os.fsdecode(path), exc)
+        finally:
+            del self._asking[("open", ino)]
+            asking.done.set()
+
+    async def _adopt(self, ino: int, fd: int, ident: Identity) -> tuple[LowerFile, bool]:
+        """Make *ident*, just opened as *fd*, the current version of *ino*; return it pinned.
+
+        Compared with the version last opened, whose pages the kernel may hold
+        and whose blocks we hold; this also catches a change of etag alone.
+        """
+        self._note_version(ino, ident.version)
         current = self._open_files.get(ino)
-        # Compare with the version last opened, whose pages the kernel may hold
-        # and whose blocks we hold; this also catches a change of etag alone.
         changed = current is not None and current.key != ident.key()
         if changed:
             assert current is not None
             self.cache.forget_file(current.key)
             self._interest.pop(current.key, None)
             self._sha256.pop(current.key, None)
-        elif current is not None and not current.closed:
-            current.pin()
-            self._nursery.start_soon(self.source.close, fd)
-            return current, False
-        lower = LowerFile(fd, ident, self.source, self._nursery)
-        self._open_files[ino] = lower  # from here on, no store of an older version starts
+        if current is not None and not changed:
+            lower = current
+        else:
+            lower = LowerFile(ident, self.source, self._nursery)
+            self._open_files[ino] = lower  # from here on, no store of an older version starts
+        lower.pin()
+        lower.attach(fd)
         if changed:  # and none is still under way when the kernel, told, drops its pages
             async with self._page_cache_lock:
                 pass
@@ -417,7 +595,7 @@ class FilesystemCore:
             async with self._page_cache_lock:
                 store = self._store
                 if (store is None or self._open_files.get(ino) is not f
-                        or self._version.get(ino) != (f.size, f.ident.mtime_ns)):
+                        or self._version.get(ino) != f.ident.version):
                     return False
                 try:
                     await trio.to_thread.run_sync(store, ino, idx * self.cache.block_size, block)

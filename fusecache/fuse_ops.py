@@ -12,6 +12,7 @@ import pyfuse3
 
 from fusecache.core import Attr, FilesystemCore
 from fusecache.errors import errno_for
+from fusecache.source import SourceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ def _fuse_errors(
             raise
         except Exception as exc:
             err = errno_for(exc)
-            if err == errno.EIO:
+            if isinstance(exc, SourceUnavailable):  # the source logs its outage once
+                log.debug("%s%r failed: %s", fn.__name__, args[1:], exc)
+            elif err == errno.EIO:
                 log.error("%s%r failed: %s", fn.__name__, args[1:], exc,
                           exc_info=not isinstance(exc, OSError))
             raise pyfuse3.FUSEError(err) from None

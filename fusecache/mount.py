@@ -6,6 +6,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
@@ -30,6 +31,16 @@ from fusecache.source import LowerSource
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0  # seconds the CLI waits for the daemon to answer on its mount
+# Unmounting, by signal or `fusecache umount`, is done within 5 s even when calls
+# on the lower mount hang (a container platform's grace period can be that
+# short, and its SIGKILL would leave a stale mount): requests still waiting on
+# the lower mount this long after the signal are dropped, and the kernel fails
+# them when the session closes.
+REQUEST_GRACE = 1.0
+UNMOUNT_DEADLINE = 5.0
+# A store into the page cache takes a millisecond or two; one still going after
+# this is stuck on a page the kernel holds locked.
+PAGE_CACHE_GRACE = 1.5
 
 
 class MountError(Exception):
@@ -59,6 +70,7 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         except OSError as exc:
             raise MountError(f"cannot use cache dir {config.cache.cache_dir}: {exc}") from None
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(source.run)
         cache = BlockCache(config.cache, source, nursery, disk)
         # notify_store takes any buffer (it gets a Py_buffer), whatever its stub says.
         store = cast(Callable[[int, int, Block], None], pyfuse3.notify_store)
@@ -74,13 +86,14 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         except RuntimeError as exc:
             raise MountError(f"cannot mount at {config.mountpoint}: {exc}") from None
         try:
-            nursery.start_soon(_stop_on_signals, core)
-            nursery.start_soon(_announce_when_ready, config, on_ready)
-            await pyfuse3.main()
+            with trio.CancelScope() as requests:
+                nursery.start_soon(_stop_on_signals, core, requests)
+                nursery.start_soon(_announce_when_ready, config, on_ready)
+                await pyfuse3.main()
         finally:
             # No notify call may run into the session pyfuse3.close() frees.
             with trio.CancelScope(shield=True):
-                await core.end_page_cache_calls()
+                await core.end_page_cache_calls(PAGE_CACHE_GRACE)
             pyfuse3.close(unmount=True)
         log.info("unmounted %s", config.mountpoint)
         with trio.move_on_after(config.cache.flush_on_unmount):
@@ -88,19 +101,32 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signals(core: FilesystemCore) -> None:
+async def _stop_on_signals(core: FilesystemCore, requests: trio.CancelScope) -> None:
+    """On SIGTERM or SIGINT, unmount within a few seconds, however the lower mount fares."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
             # While the main loop still answers the reads a page-cache store may wait on.
-            await core.end_page_cache_calls()
+            await core.end_page_cache_calls(PAGE_CACHE_GRACE)
             pyfuse3.terminate()
+            # pyfuse3.main() returns once every request under way has been answered;
+            # one waiting on a hung lower mount would hold it up for the source
+            # timeout.
+            await trio.sleep(REQUEST_GRACE)
+            if not requests.cancel_called:
+                log.warning("dropping the requests still waiting on the lower mount")
+                requests.cancel()
             return
 
 
 async def _announce_when_ready(config: MountConfig, on_ready: Callable[[str | None], None]) -> None:
     # This stat is served by our own main loop, so it proves the mount answers.
-    st = await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    try:
+        st = await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    except OSError as exc:
+        on_ready(f"the mount does not answer: {exc.strerror} (is {config.source} answering?)")
+        pyfuse3.terminate()
+        return
     await trio.to_thread.run_sync(kernel.tune_connection, st.st_dev, config.kernel)
     log.info("serving %s at %s", config.source, config.mountpoint)
     on_ready(None)
@@ -211,25 +237,63 @@ def fusermount_unmount(mountpoint: Path, lazy: bool = False) -> str | None:
 
 
 def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
-    """Unmount and wait for the daemon to exit; raise MountError with the reason."""
+    """Unmount and wait for the daemon to exit; raise MountError with the reason.
+
+    A daemon of ours is asked with SIGTERM, so it unmounts itself within
+    seconds even with readers blocked on a hung lower mount, and busy files do
+    not stop it; then it writes its memory cache to disk and exits (*timeout*).
+    """
     pidfile = pidfile_for(mountpoint)
     try:
         pid: int | None = int(pidfile.read_text())
     except (OSError, ValueError):
         pid = None
     stale = is_stale_mount(mountpoint)
-    err = fusermount_unmount(mountpoint, lazy=stale)
-    if err is not None:
-        raise MountError(f"cannot unmount {mountpoint}: {err}")
+    if pid is not None and not stale and _is_our_daemon(pid):
+        os.kill(pid, signal.SIGTERM)
+        if not _wait(lambda: not _mounted(mountpoint), UNMOUNT_DEADLINE):
+            fusermount_unmount(mountpoint, lazy=True)
+            os.kill(pid, signal.SIGKILL)
+            raise MountError(f"daemon {pid} did not unmount {mountpoint} within "
+                             f"{UNMOUNT_DEADLINE:.0f} s; unmounted it lazily and killed it")
+    else:
+        err = fusermount_unmount(mountpoint, lazy=stale)
+        if err is not None:
+            raise MountError(f"cannot unmount {mountpoint}: {err}")
     if pid is None:
         return
+    if not _wait(lambda: not _alive(pid), timeout):
+        raise MountError(f"unmounted {mountpoint}, but daemon {pid} is still running")
+    _remove_pidfile(pidfile, pid)
+
+
+def _wait(done: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            _remove_pidfile(pidfile, pid)
-            return
+    while not done():
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
-    raise MountError(f"unmounted {mountpoint}, but daemon {pid} is still running")
+    return True
+
+
+def _mounted(path: Path) -> bool:
+    """Whether *path* is a mount point, from the mount table: nothing asks the mount."""
+    target = os.fsencode(Path(os.path.realpath(path.parent)) / path.name)
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            field = line.split(b" ")[4]
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+            if point == target:
+                return True
+    return False
+
+
+def _is_our_daemon(pid: int) -> bool:
+    """Whether *pid* runs fusecache (a pid file can outlive its daemon, and pids are reused)."""
+    try:
+        return b"fusecache" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid)
+    except OSError:
+        return False
 
 
 def _remove_pidfile(pidfile: Path, pid: int) -> None:

@@ -188,7 +188,7 @@ async def test_hung_lower_read_is_eio_not_a_hang(core: FilesystemCore, monkeypat
     write_ramp(src_of(core) + "/f", 2 * MiB)
     fh = await open_file(core, b"f")
     monkeypatch.setattr(core.cache, "_pool", HangingPool())
-    core.source.read_timeout = 0.2
+    core.source.timeout = 0.2
     try:
         with trio.fail_after(5), pytest.raises(FsError) as info:
             await core.read(fh, 0, 4096)

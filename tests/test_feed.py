@@ -127,7 +127,7 @@ async def test_no_page_cache_call_once_the_session_is_closing(tmp_path: Path) ->
         f, _ = await core._open_lower(ino)
         feed = core._feeder(ino, f)
         assert feed is not None
-        await core.end_page_cache_calls()
+        await core.end_page_cache_calls(5.0)
         assert not await feed(0, ramp(0, MiB))
         os.utime(tmp_path / "src" / "m", ns=(1, 1))
         await core.lookup(1, b"m")  # a change noticed: would invalidate
