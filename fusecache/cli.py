@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from fusecache import __version__, blockio
+from fusecache import __version__, blockio, cachedir
 from fusecache.config import (
     CacheConfig,
     KernelConfig,
@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(read-ahead, whole-file fetches; with --disk-cache 0, every block) "
                    "(default: a quarter of the container's memory limit)")
     m.add_argument("--cache-dir", type=Path, default=default_cache_dir(), metavar="DIR",
-                   help="where the disk cache lives; it persists across remounts")
+                   help="where the disk cache lives, across remounts: in DIR/"
+                   f"{cachedir.SUBDIR}, which fusecache makes and tags with a CACHEDIR.TAG; "
+                   "it touches nothing else in DIR, so DIR must be new, empty, or hold that "
+                   "directory, and be outside SOURCE and MOUNTPOINT")
     m.add_argument("--disk-cache", type=_size, default=format_size(CacheConfig.disk_bytes),
                    metavar="SIZE",
                    help="most bytes the disk cache may hold (also at most 90%% of the free "
@@ -204,10 +207,11 @@ def _setup_logging(verbose: bool) -> None:
 
 def _mount(args: argparse.Namespace) -> int:
     check_mount_args(args.source, args.mountpoint, args.force)
-    cache_dir = args.cache_dir.resolve()
-    if args.disk_cache and (cache_dir == args.mountpoint.resolve()
-                            or args.mountpoint.resolve() in cache_dir.parents):
-        raise UsageError("the cache dir must not be inside the mountpoint")
+    if args.disk_cache:
+        try:
+            cachedir.check(args.cache_dir, args.source, args.mountpoint)
+        except cachedir.CacheDirError as exc:
+            raise UsageError(str(exc)) from None
     try:
         blockio.selected()  # before forking: a missing C module is the user's one-line error
     except blockio.NativeMissing as exc:

@@ -1,7 +1,9 @@
 """The disk tier: cached blocks in local files that check themselves.
 
-Layout: ROOT/v3/<identity digest>/<unit>.blk, and <name>.note beside them for a
-small value kept per identity (its sha256). A unit file holds blocks
+Layout: DIR/blocks/v3/<identity digest>/<unit>.blk, and <name>.note beside them
+for a small value kept per identity (its sha256). DIR/blocks is the directory
+fusecache made and tagged in the cache dir (cachedir.py); nothing outside it is
+touched. A unit file holds blocks
 unit*8 .. unit*8+7 of one source identity (one fetch from the lower mount), each
 in its own slot: a 4 KiB header, then the block's data. A slot never written, or
 given up, is a hole. The header holds the format magic, the digest of the source
@@ -37,6 +39,7 @@ import numpy as np
 import xxhash
 
 from fusecache.blockio import Block, BlockPool
+from fusecache.cachedir import TaggedDir
 from fusecache.lru import BlockKey, ScanResistantLRU
 
 log = logging.getLogger(__name__)
@@ -75,12 +78,17 @@ class DiskTier:
     except lookups of the in-memory index (`contains`).
     """
 
-    def __init__(self, root: Path, max_bytes: int, block_size: int = 1 << 20) -> None:
-        self.root = root / FORMAT
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(root, 0o700)
+    def __init__(self, cache_dir: Path, max_bytes: int, block_size: int = 1 << 20) -> None:
+        """Open the cache in *cache_dir* (see cachedir.py) for this process alone.
+
+        Raises OSError (cachedir.CacheDirError) when *cache_dir* holds what is not
+        ours, or another daemon has it open.
+        """
+        self._dir = TaggedDir(cache_dir)
+        self.root = self._dir.path / FORMAT
+        self.root.mkdir(exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
-        _remove_older_formats(root)
+        _remove_older_formats(self._dir)
         self.block_size = block_size
         self._slot = DATA_OFFSET + block_size  # bytes between the starts of two slots
         # tmpfs (before Linux 6.6) and some FUSE file systems refuse O_DIRECT.
@@ -95,6 +103,10 @@ class DiskTier:
         self._made_dirs: set[Path] = set()  # block directories known to exist
         self.validation_failures = 0
         self._load_index(max_bytes)
+
+    def close(self) -> None:
+        """Let another DiskTier open the cache dir (a daemon's exit does the same)."""
+        self._dir.close()
 
     @property
     def capacity(self) -> int:
@@ -417,9 +429,10 @@ def _accepts_direct_io(directory: Path) -> bool:
         probe.unlink(missing_ok=True)
 
 
-def _remove_older_formats(root: Path) -> None:
-    """Delete the blocks an older fusecache left in a format this one cannot read."""
-    for old in root.iterdir():
+def _remove_older_formats(tagged: TaggedDir) -> None:
+    """Delete the blocks an older fusecache left in our tagged directory, in a format this
+    one cannot read. Only there: a v1/ elsewhere may be anyone's."""
+    for old in tagged.path.iterdir():
         if old.name != FORMAT and re.fullmatch(r"v\d+", old.name) and old.is_dir():
             log.info("removing the disk cache %s of an older format", old)
             shutil.rmtree(old, ignore_errors=True)

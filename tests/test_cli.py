@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from fusecache.disktier import DiskTier
 from fusecache.mount import pidfile_for
 from tests.conftest import fusecache_cmd, needs_fuse
+from tests.test_cachedir import read_only_dir, snapshot, user_data
 
 
 def assert_usage_error(res, words: str) -> None:
@@ -104,3 +106,56 @@ def test_bench_bad_rate(tmp_path: Path) -> None:
     assert_usage_error(fusecache_cmd("bench", "--rate", "fast"), "invalid int value")
     assert_usage_error(fusecache_cmd("bench", str(tmp_path), "--rate", "100"),
                        "cannot cap SOURCE_DIR")
+
+
+def test_a_cache_dir_holding_someone_elses_data_is_refused_and_untouched(
+        dirs, tmp_path: Path) -> None:
+    src, mnt = dirs
+    data = user_data(tmp_path / "data")
+    before = snapshot(data)
+    assert_usage_error(fusecache_cmd("mount", str(src), str(mnt), "--cache-dir", str(data)),
+                       "is not empty and is not fusecache's")
+    assert snapshot(data) == before
+    assert os.listdir(mnt) == [] and not os.path.ismount(mnt)
+
+
+def test_a_cache_dir_in_the_source_or_mountpoint_is_refused(dirs, tmp_path: Path) -> None:
+    src, mnt = dirs
+    (tmp_path / "link").symlink_to(src)
+    for cache, words in ((src, "outside the source"), (src / "cache", "outside the source"),
+                         (tmp_path / "link" / "cache", "outside the source"),
+                         (mnt / "cache", "outside the mountpoint")):
+        assert_usage_error(fusecache_cmd("mount", str(src), str(mnt), "--cache-dir", str(cache)),
+                           words)
+    assert os.listdir(src) == [] and os.listdir(mnt) == []
+
+
+def test_a_cache_dir_that_is_no_directory_or_read_only_is_refused(dirs, tmp_path: Path) -> None:
+    src, mnt = dirs
+    (tmp_path / "file").write_text("x")
+    assert_usage_error(fusecache_cmd("mount", str(src), str(mnt), "--cache-dir",
+                                     str(tmp_path / "file")), "is not a directory")
+    with read_only_dir(tmp_path / "ro") as ro:
+        assert_usage_error(fusecache_cmd("mount", str(src), str(mnt), "--cache-dir", str(ro)),
+                           "read-only")
+
+
+def test_a_cache_dir_in_use_is_refused(dirs, tmp_path: Path) -> None:
+    src, mnt = dirs
+    tier = DiskTier(tmp_path / "cache", 1 << 30)  # what another daemon holds
+    try:
+        assert_usage_error(fusecache_cmd("mount", str(src), str(mnt), "--cache-dir",
+                                         str(tmp_path / "cache")),
+                           f"cache dir {tmp_path / 'cache'} is in use by another fusecache mount")
+    finally:
+        tier.close()
+
+
+@needs_fuse
+def test_without_a_disk_tier_the_cache_dir_is_not_looked_at(dirs, mount_factory,
+                                                            tmp_path: Path) -> None:
+    src, _ = dirs
+    (tmp_path / "file").write_text("x")
+    m = mount_factory(src, "--disk-cache", "0", cache_dir=tmp_path / "file")
+    assert os.listdir(m.mnt) == []
+    m.unmount()

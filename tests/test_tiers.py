@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from fusecache.cachedir import SUBDIR
 from fusecache.config import MiB
 from fusecache.core import SHA256_XATTR, FilesystemCore
 from fusecache.disktier import FORMAT, DiskTier
@@ -72,6 +73,7 @@ async def test_an_o_direct_reader_keeps_nothing_so_memory_keeps_its_blocks(
         assert core.cache.statistics().memory_used == SIZE and disk.used == 0
         await core.cache.flush_to_disk()  # what a clean unmount does
         assert disk.used == SIZE
+    disk.close()  # and the daemon's exit
     again = DiskTier(tmp_path / "cache", 1 << 30)
     async with make_core(tmp_path, 64 * MiB, again, implementation) as core:
         fh = await open_file(core, b"f")
@@ -82,19 +84,21 @@ async def test_an_o_direct_reader_keeps_nothing_so_memory_keeps_its_blocks(
 async def test_the_sha256_is_kept_with_the_disk_tier_across_a_remount(
         tmp_path: Path, implementation: str) -> None:
     want = hashlib.sha256(ramp(0, SIZE)).hexdigest().encode()
-    async with make_core(tmp_path, 64 * MiB, DiskTier(tmp_path / "cache", 1 << 30),
-                         implementation) as core:
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    async with make_core(tmp_path, 64 * MiB, disk, implementation) as core:
         write_ramp(tmp_path / "src" / "f", SIZE)
         ino = (await core.lookup(1, b"f")).ino
         assert await core.getxattr(ino, SHA256_XATTR) == want
-    async with make_core(tmp_path, 64 * MiB, DiskTier(tmp_path / "cache", 1 << 30),
-                         implementation) as core:
+    disk.close()
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    async with make_core(tmp_path, 64 * MiB, disk, implementation) as core:
         ino = (await core.lookup(1, b"f")).ino
         assert await core.getxattr(ino, SHA256_XATTR) == want
         stats = core.cache.statistics()
         assert stats.lower_bytes == 0 and stats.served_disk == 0, "answered without hashing"
     write_ramp(tmp_path / "src" / "f", SIZE, seed=4)  # a new version: the kept digest is not its
     os.utime(tmp_path / "src" / "f", ns=(1, 1))
+    disk.close()
     async with make_core(tmp_path, 64 * MiB, DiskTier(tmp_path / "cache", 1 << 30),
                          implementation) as core:
         ino = (await core.lookup(1, b"f")).ino
@@ -130,11 +134,13 @@ async def test_a_whole_file_fetch_leaves_blocks_on_disk_where_they_are(tmp_path:
     size = 96 * MiB  # under half the memory cache: read-once fetches it whole
     (tmp_path / "src").mkdir()
     write_ramp(tmp_path / "src" / "f", size)
-    async with make_core(tmp_path, 256 * MiB, DiskTier(tmp_path / "cache", 1 << 30)) as core:
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    async with make_core(tmp_path, 256 * MiB, disk) as core:
         fh = await open_file(core, b"f")
         assert await read_all(core, fh, size) == ramp(0, size)
         await core.cache.wait_idle()
         await core.cache.wait_spilled()
+    disk.close()
     async with make_core(tmp_path, 256 * MiB, DiskTier(tmp_path / "cache", 1 << 30)) as core:
         fh = await open_file(core, b"f")
         for off in range(0, 17 * MiB, MiB):  # past whole_file_after: a hash pass begins
@@ -190,6 +196,7 @@ async def test_the_unmount_flush_stops_at_its_deadline_with_whole_blocks(
         assert time.monotonic() - start < 2, "the flush must not outlive its deadline by much"
     assert 0 < disk.used < SIZE, "some blocks written, not all"
     assert any("held in memory to the disk cache" in r.getMessage() for r in caplog.records)
+    disk.close()
     again = DiskTier(tmp_path / "cache", 1 << 30)  # what was written reads back whole
     assert again.used == disk.used and again.validation_failures == 0
 
@@ -203,7 +210,8 @@ async def test_corrupted_disk_block_is_refetched(tmp_path: Path, implementation:
         await read_all(core, fh, 4 * MiB)
         await core.cache.wait_idle()
         await core.cache.flush_to_disk()
-    for path in (tmp_path / "cache").glob(f"{FORMAT}/*/*.blk"):  # damage every block on disk
+    disk.close()
+    for path in (tmp_path / "cache").glob(f"{SUBDIR}/{FORMAT}/*/*.blk"):  # damage every block
         fd = os.open(path, os.O_RDWR)
         os.pwrite(fd, b"\xff", os.fstat(fd).st_size - 1)
         os.close(fd)
@@ -286,7 +294,7 @@ def test_kill_9_mid_read_leaves_no_bad_block(tmp_path: Path, mount_factory) -> N
     reader = threading.Thread(target=read)
     reader.start()
     deadline = time.monotonic() + 10
-    while not any(cache.glob(f"{FORMAT}/*/*.blk")) and time.monotonic() < deadline:
+    while not any(cache.glob(f"{SUBDIR}/{FORMAT}/*/*.blk")) and time.monotonic() < deadline:
         time.sleep(0.005)
     os.kill(pid, signal.SIGKILL)  # mid-read, disk writes under way
     reader.join(10)
