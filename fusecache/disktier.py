@@ -19,11 +19,15 @@ machine, writing the same blocks into slots of 64 files 0.11-0.20.
 Whole blocks move with O_DIRECT where the file system allows it: straight between
 the device and the block's own memory, with no copy into the page cache, whose
 pages belong to the mounted files readers map.
+
+A write that fails (the disk is full, mostly) stops writes for a while; reads go on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import hashlib
 import logging
 import mmap
@@ -32,7 +36,9 @@ import re
 import shutil
 import struct
 import threading
-from collections.abc import Hashable, Iterator
+import time
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +58,15 @@ DATA_OFFSET = 4096
 UNIT = 8  # blocks per file
 NOTE_SUFFIX = ".note"  # beside the unit files: small values kept per identity
 TMP_SUFFIX = ".tmp"  # a note or the O_DIRECT probe, before it is renamed or gone
+# After a write fails (ENOSPC, EDQUOT: mostly a disk that something else
+# filled), writes stop for this long, then the free space is measured again and
+# writes are tried. A minute keeps the writer threads from failing a write per
+# block read (a reader at 1 GB/s hands over a thousand a second), and a disk
+# that was cleaned up is used again soon enough.
+WRITE_BACKOFF = 60.0
+# While writes stay stopped, the log says so (with counts) at most this often,
+# not once per block: the default log lives in /run, in RAM.
+STOPPED_SUMMARY_EVERY = 300.0
 
 
 def checksum(data: Block) -> int:
@@ -62,6 +77,19 @@ def checksum(data: Block) -> int:
 def identity_digest(file_key: Hashable, block_size: int) -> bytes:
     """A stable 32-byte name for a source identity cut in blocks of *block_size*."""
     return hashlib.sha256(repr((file_key, block_size)).encode()).digest()
+
+
+@dataclass(frozen=True)
+class DiskStatistics:
+    """The disk tier's counters."""
+
+    used: int  # bytes of blocks held
+    capacity: int  # bytes it may hold: at most --disk-cache and 90% of the free space
+    validation_failures: int  # blocks that failed their checks when read (then refetched)
+    write_errors: int  # writes that failed: the disk was full (ENOSPC, EDQUOT) or broken
+    writes_refused_full: int  # writes refused at once because writes were stopped
+    full_episodes: int  # times writes stopped after a failure
+    full_now: bool  # writes are stopped, or being tried again after a stop
 
 
 class _Size(int):
@@ -78,7 +106,8 @@ class DiskTier:
     except lookups of the in-memory index (`contains`).
     """
 
-    def __init__(self, cache_dir: Path, max_bytes: int, block_size: int = 1 << 20) -> None:
+    def __init__(self, cache_dir: Path, max_bytes: int, block_size: int = 1 << 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """Open the cache in *cache_dir* (see cachedir.py) for this process alone.
 
         Raises OSError (cachedir.CacheDirError) when *cache_dir* holds what is not
@@ -96,17 +125,41 @@ class DiskTier:
         # Reader threads and the writer threads share the index; data moves
         # outside the lock, slots are given up (punched, unlinked) under it.
         self._lock = threading.Lock()
+        self._max_bytes = max_bytes
         self._index: ScanResistantLRU[_Size] = ScanResistantLRU(max_bytes, self._evicted)
         self._digests: dict[Hashable, bytes] = {}
         # Indexed (their space is reserved) but not yet written.
         self._pending: set[BlockKey] = set()
         self._made_dirs: set[Path] = set()  # block directories known to exist
         self.validation_failures = 0
+        # Writes stopped after a failure (under the lock): until _resume_at, for
+        # an episode that began at _stopped_since and ends with a write that works.
+        self._clock = clock
+        self._resume_at: float | None = None
+        self._stopped_since: float | None = None
+        self._last_said = 0.0  # when the log last spoke of the episode
+        self._write_errors = 0
+        self._refused = 0
+        self._episodes = 0
+        self._errors_unsaid = 0  # since the log last spoke
+        self._refused_unsaid = 0
         self._load_index(max_bytes)
 
     def close(self) -> None:
         """Let another DiskTier open the cache dir (a daemon's exit does the same)."""
         self._dir.close()
+
+    def statistics(self) -> DiskStatistics:
+        with self._lock:
+            return DiskStatistics(
+                used=self._index.used,
+                capacity=self._index.capacity,
+                validation_failures=self.validation_failures,
+                write_errors=self._write_errors,
+                writes_refused_full=self._refused,
+                full_episodes=self._episodes,
+                full_now=self._stopped_since is not None,
+            )
 
     @property
     def capacity(self) -> int:
@@ -149,9 +202,7 @@ class DiskTier:
                     continue
                 found.extend((mtime, digest, unit * UNIT + s, size) for s, size in slots)
         found.sort()
-        held = sum(size + DATA_OFFSET for *_, size in found)
-        free = shutil.disk_usage(self.root).free
-        self._index.capacity = min(max_bytes, held + int(free * 0.9))
+        self._fit_capacity(sum(size + DATA_OFFSET for *_, size in found))
         with self._lock:
             for _, digest, idx, size in found:
                 # Indexed by digest: the file key is unknown until a reader opens the file.
@@ -160,6 +211,12 @@ class DiskTier:
         log.info("disk cache %s: %d blocks, %d bytes; %s", self.root, len(self._index),
                  self._index.used, "O_DIRECT" if self.direct_io else
                  "no O_DIRECT here, through the page cache")
+
+    def _fit_capacity(self, held: int) -> None:
+        """Hold at most --disk-cache, and what we hold (*held* bytes, headers too) plus 90%
+        of the free space."""
+        free = shutil.disk_usage(self.root).free
+        self._index.capacity = min(self._max_bytes, held + int(free * 0.9))
 
     def _written_slots(self, path: str) -> Iterator[tuple[int, int]]:
         """(slot, data bytes at most) for each slot of a unit file that holds data.
@@ -245,7 +302,9 @@ class DiskTier:
         return None
 
     def write(self, file_key: Hashable, idx: int, data: Block) -> bool:
-        """Store a block; False if the index would not admit it."""
+        """Store a block; False if the index would not admit it, or writes are stopped."""
+        if self._resume_at is not None and not self._try_again():
+            return False
         digest = self._digest(file_key)
         key = (digest, idx)
         with self._lock:
@@ -263,13 +322,16 @@ class DiskTier:
             _store(path, self._slot_offset(idx),
                    HEADER.pack(MAGIC, digest, idx, len(data), checksum(data)), data, direct)
         except OSError as exc:
-            log.warning("cannot write disk cache block %d to %s: %s", idx, path, exc)
+            log.debug("cannot write disk cache block %d to %s: %s", idx, path, exc)
             self._made_dirs.discard(path.parent)  # removed under us? made again next time
             with self._lock:
                 self._pending.discard(key)
                 if self._index.discard(key) is not None:
                     self._give_up(digest, idx)
+            self._stop_writes(exc)
             return False
+        if self._stopped_since is not None:
+            self._writes_work()
         with self._lock:
             self._pending.discard(key)
             if key in self._index:
@@ -277,6 +339,63 @@ class DiskTier:
             # Evicted or discarded while it was being written: its slot must go too.
             self._give_up(digest, idx)
         return False
+
+    def _try_again(self) -> bool:
+        """Whether a write may be tried while writes are stopped: once the pause is over.
+
+        The first write after it measures the free space again, so a disk that
+        stays full takes as many new blocks as old ones leave.
+        """
+        with self._lock:
+            if self._resume_at is None:
+                return True
+            now = self._clock()
+            if now < self._resume_at:
+                self._refused += 1
+                self._refused_unsaid += 1
+                self._summarize(now)
+                return False
+            self._resume_at = None
+            self._fit_capacity(self._index.used + len(self._index) * DATA_OFFSET)
+            return True
+
+    def _stop_writes(self, exc: OSError) -> None:
+        """A write failed: refuse writes for WRITE_BACKOFF; say so once per episode."""
+        with self._lock:
+            now = self._clock()
+            self._write_errors += 1
+            self._resume_at = now + WRITE_BACKOFF
+            if self._stopped_since is not None:
+                self._errors_unsaid += 1
+                self._summarize(now)
+                return
+            self._stopped_since = self._last_said = now
+            self._episodes += 1
+            self._errors_unsaid = self._refused_unsaid = 0
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        log.warning("disk cache %s at %s (%s): not writing for %.0f s", "full" if full else
+                    "write failed", self._dir.path, exc.strerror or exc, WRITE_BACKOFF)
+
+    def _summarize(self, now: float) -> None:
+        """Log the counts of a stopped episode, at most every STOPPED_SUMMARY_EVERY; lock held."""
+        assert self._stopped_since is not None
+        if now - self._last_said < STOPPED_SUMMARY_EVERY:
+            return
+        log.warning("disk cache at %s still not writing after %.0f s: %d writes refused and "
+                    "%d failed in the last %.0f s", self._dir.path, now - self._stopped_since,
+                    self._refused_unsaid, self._errors_unsaid, now - self._last_said)
+        self._last_said = now
+        self._errors_unsaid = self._refused_unsaid = 0
+
+    def _writes_work(self) -> None:
+        """A write worked after a stop: the episode is over."""
+        with self._lock:
+            if self._stopped_since is None:
+                return
+            since, self._stopped_since = self._stopped_since, None
+            refused = self._refused_unsaid
+        log.info("disk cache at %s writes again after %.0f s (%d writes refused since the "
+                 "last report)", self._dir.path, self._clock() - since, refused)
 
     def discard_file(self, file_key: Hashable) -> None:
         """Delete every block and note of one source identity (its content changed)."""
@@ -303,6 +422,8 @@ class DiskTier:
 
     def set_note(self, file_key: Hashable, name: str, value: bytes) -> None:
         """Keep *value* for one source identity, across remounts. Best effort."""
+        if self._resume_at is not None and not self._try_again():
+            return
         path = self._note_path(file_key, name)
         tmp = path.with_name(path.name + TMP_SUFFIX)
         try:
@@ -314,7 +435,10 @@ class DiskTier:
                 os.close(fd)
             os.rename(tmp, path)
         except OSError as exc:
-            log.warning("cannot keep the %s of %s: %s", name, path.parent, exc)
+            log.debug("cannot keep the %s of %s: %s", name, path.parent, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self._stop_writes(exc)
 
 
 def _load(path: Path, offset: int, expect: tuple[bytes, int, int], pool: BlockPool,
@@ -368,8 +492,8 @@ def _store(path: Path, offset: int, header: bytes, data: Block, direct: bool) ->
             written = os.pwritev(fd, [head, data], offset)
         else:
             written = os.pwritev(fd, [header.ljust(DATA_OFFSET, b"\0"), data], offset)
-        if written != DATA_OFFSET + len(data):
-            raise OSError("short write (disk full?)")
+        if written != DATA_OFFSET + len(data):  # the disk filled up mid-write
+            raise OSError(errno.ENOSPC, "short write")
         if not direct:
             os.fdatasync(fd)  # dirty pages cannot be dropped
             os.posix_fadvise(fd, offset, DATA_OFFSET + len(data), os.POSIX_FADV_DONTNEED)

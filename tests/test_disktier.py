@@ -1,7 +1,9 @@
-"""The disk tier: persistence, validation, bounds, permissions; without a kernel."""
+"""The disk tier: persistence, validation, bounds, permissions, a full disk; without a kernel."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import stat
 from pathlib import Path
@@ -15,6 +17,7 @@ from fusecache.blockio import BlockPool
 from fusecache.cachedir import SUBDIR
 from fusecache.disktier import DATA_OFFSET, FORMAT, UNIT, DiskTier
 from tests.ramp import ramp
+from tests.test_cachedir import tmpfs
 
 KEY = (b"models/a.safetensors", 3 << 20, 123456789, 42)
 BLOCK = 64 * 1024
@@ -308,3 +311,126 @@ def test_any_mix_of_writes_evictions_discards_and_restarts_never_gives_wrong_byt
         assert len(block_files(root)) == len({(k, i // UNIT) for k, i in held})
     assert tier.validation_failures == 0
 
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def full_disk_writer(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Make every slot write fail with ENOSPC, as a full disk does; count the attempts."""
+    calls = {"n": 0}
+
+    def store(*args: object) -> None:
+        calls["n"] += 1
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("fusecache.disktier._store", store)
+    return calls
+
+
+def test_a_full_disk_stops_writes_cheaply_says_so_once_and_keeps_reading(
+        tmp_path: Path, pool: BlockPool, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="fusecache.disktier")
+    clock = Clock()
+    tier = DiskTier(tmp_path / "c", 1 << 30, block_size=BLOCK, clock=clock)
+    assert tier.write(KEY, 0, block(0))
+    caplog.clear()
+    calls = full_disk_writer(monkeypatch)
+    for i in range(1, 2001):  # a reader at 1 GB/s hands over this many in two seconds
+        assert not tier.write(KEY, i, block(i))
+        clock.now += 0.01
+    assert calls["n"] == 1, "one failed write, then none tried until the pause is over"
+    stats = tier.statistics()
+    assert (stats.write_errors, stats.writes_refused_full, stats.full_episodes) == (1, 1999, 1)
+    assert stats.full_now and stats.used == BLOCK, "the failed block's space is given back"
+    assert load(tier, pool, KEY, 0) == block(0), "reading goes on"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert said == [f"disk cache full at {tmp_path / 'c' / SUBDIR} (No space left on device): "
+                    f"not writing for {disktier.WRITE_BACKOFF:.0f} s"]
+
+
+def test_writes_are_tried_again_after_the_pause_and_the_log_sums_up_meanwhile(
+        tmp_path: Path, pool: BlockPool, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fusecache.disktier")
+    clock = Clock()
+    tier = DiskTier(tmp_path / "c", 1 << 30, block_size=BLOCK, clock=clock)
+    caplog.clear()
+    real_store = disktier._store
+    calls = full_disk_writer(monkeypatch)
+    measured: list[int] = []
+    real_usage = disktier.shutil.disk_usage
+
+    def usage(path: Path) -> object:
+        measured.append(1)
+        return real_usage(path)
+
+    monkeypatch.setattr("fusecache.disktier.shutil.disk_usage", usage)
+    idx = 0
+    for _ in range(30 * 60):  # half an hour of a full disk, a write every second
+        idx += 1
+        tier.write(KEY, idx, block(idx))
+        clock.now += 1
+    # One try per pause, each after measuring the free space again.
+    assert calls["n"] == len(measured) + 1 == 30
+    stats = tier.statistics()
+    assert stats.write_errors == 30 and stats.full_episodes == 1
+    assert stats.writes_refused_full == 1800 - 30
+    said = [r.getMessage() for r in caplog.records]
+    # The first line, then a summary at 5, 10, 15, 20 and 25 minutes.
+    assert len(said) == 6, said
+    assert "writes refused" in said[1] and "still not writing" in said[1]
+    monkeypatch.setattr("fusecache.disktier._store", real_store)  # space came back
+    clock.now += disktier.WRITE_BACKOFF
+    assert tier.write(KEY, 0, block(0))
+    assert not tier.statistics().full_now
+    assert "writes again" in caplog.records[-1].getMessage()
+    assert load(tier, pool, KEY, 0) == block(0)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of *directory* to the last byte, as another program might."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\1" * 4096):
+            pass
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_real_full_disk_stops_writes_and_a_cleaned_one_takes_them_again(
+        tmp_path: Path, pool: BlockPool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fusecache.disktier")
+    clock = Clock()
+    with tmpfs(tmp_path / "small") as fs:
+        tier = DiskTier(fs / "cache", 1 << 30, block_size=BLOCK, clock=clock)
+        try:
+            assert tier.write(KEY, 0, block(0))
+            filler = fill(fs)
+            caplog.clear()
+            for i in range(1, 200):
+                assert not tier.write(KEY, i, block(i))
+            stats = tier.statistics()
+            assert (stats.write_errors, stats.full_episodes, stats.full_now) == (1, 1, True)
+            assert [r.levelno for r in caplog.records] == [logging.WARNING]
+            assert "disk cache full" in caplog.records[0].getMessage()
+            assert load(tier, pool, KEY, 0) == block(0)
+            filler.unlink()
+            clock.now += disktier.WRITE_BACKOFF
+            assert tier.write(KEY, 1, block(1)) and load(tier, pool, KEY, 1) == block(1)
+            assert not tier.statistics().full_now
+            # Measured again: what it holds plus 90% of what is free now.
+            assert tier.capacity < 4 << 20
+        finally:
+            tier.close()
