@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from fusecache import __version__, blockio, cachedir
+from fusecache import __version__, blockio, cachedir, logs
 from fusecache.config import (
     CacheConfig,
     KernelConfig,
@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true",
                    help="clear a stale mount left at MOUNTPOINT by a killed daemon")
     m.add_argument("--log-file", type=Path, default=None, metavar="FILE",
-                   help="daemon log (default: RUNTIME_DIR/<mountpoint>.log, printed on mount)")
+                   help=f"daemon log, rotated at {format_size(logs.LOG_BYTES)}, keeping "
+                   f"{logs.LOG_FILES - 1} older files (FILE.1, ...) (default: "
+                   "RUNTIME_DIR/<mountpoint>.log, printed on mount)")
     m.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
     b = sub.add_parser(
@@ -196,13 +198,12 @@ def check_mount_args(source: Path, mountpoint: Path, force: bool) -> None:
         raise UsageError(f"mountpoint {mountpoint} is not empty")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s fusecache[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    """Log to stderr, or for a daemon to *log_file*, capped and rotated (see logs.py)."""
+    if log_file is None:
+        logs.to_stderr(verbose)
+    else:
+        logs.to_capped_file(log_file, verbose)
 
 
 def _mount(args: argparse.Namespace) -> int:
@@ -237,7 +238,7 @@ def _mount(args: argparse.Namespace) -> int:
         return run_foreground(config)
     slug = str(config.mountpoint).strip("/").replace("/", "_") or "root"
     log_file = args.log_file or runtime_dir() / f"{slug}.log"
-    return run_daemon(config, log_file, lambda: _setup_logging(args.verbose))
+    return run_daemon(config, log_file, lambda: _setup_logging(args.verbose, log_file))
 
 
 def _bench(args: argparse.Namespace) -> int:
