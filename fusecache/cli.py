@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from dataclasses import replace
@@ -73,6 +74,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fusecache",
@@ -113,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes per read from the lower mount (a multiple of 1 MiB)")
     m.add_argument("--parallel", type=int, default=SourceConfig.readahead_threads, metavar="N",
                    help="read-ahead reads from the lower mount in flight at once")
+    m.add_argument("--source-timeout", type=_seconds, default=SourceConfig.timeout,
+                   metavar="SECONDS",
+                   help="bound on every call to the lower mount (open, stat, listdir, xattrs, "
+                   "reads); a call that takes longer fails with EIO and marks the source "
+                   "unhealthy until a probe gets an answer; cached files keep being served "
+                   "meanwhile")
     m.add_argument("--read-ahead-kb", type=int, default=KernelConfig.read_ahead_kb,
                    metavar="KB", help="kernel read-ahead for the mount (needs root)")
     m.add_argument("--max-background", type=int, default=KernelConfig.max_background,
@@ -217,8 +234,20 @@ def _mount(args: argparse.Namespace) -> int:
         blockio.selected()  # before forking: a missing C module is the user's one-line error
     except blockio.NativeMissing as exc:
         raise UsageError(str(exc)) from None
+    config = build_config(args)
+    if args.foreground:
+        _setup_logging(args.verbose)
+        return run_foreground(config)
+    slug = str(config.mountpoint).strip("/").replace("/", "_") or "root"
+    log_file = args.log_file or runtime_dir() / f"{slug}.log"
+    return run_daemon(config, log_file, lambda: _setup_logging(args.verbose, log_file))
+
+
+def build_config(args: argparse.Namespace) -> MountConfig:
+    """The settings of a mount, from `fusecache mount`'s arguments."""
     mem = args.mem_cache if args.mem_cache is not None else memory_limit() // 4
-    config = MountConfig(
+    logging.getLogger(__name__).debug("memory cache %s", format_size(mem))
+    return MountConfig(
         source=args.source.resolve(),
         mountpoint=args.mountpoint.resolve(),
         cache=replace(CacheConfig(), mem_bytes=mem, fetch_size=args.fetch_size,
@@ -227,18 +256,12 @@ def _mount(args: argparse.Namespace) -> int:
                        max_background=args.max_background,
                        congestion_threshold=args.max_background * 3 // 4,
                        attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout),
-        lower=replace(SourceConfig(), readahead_threads=args.parallel),
+        lower=replace(SourceConfig(), readahead_threads=args.parallel,
+                      timeout=args.source_timeout),
         readahead=replace(ReadaheadConfig(), sha256=args.sha256,
                           feed_page_cache=args.feed_page_cache),
         allow_other=os.geteuid() == 0 if args.allow_other is None else args.allow_other,
     )
-    logging.getLogger(__name__).debug("memory cache %s", format_size(mem))
-    if args.foreground:
-        _setup_logging(args.verbose)
-        return run_foreground(config)
-    slug = str(config.mountpoint).strip("/").replace("/", "_") or "root"
-    log_file = args.log_file or runtime_dir() / f"{slug}.log"
-    return run_daemon(config, log_file, lambda: _setup_logging(args.verbose, log_file))
 
 
 def _bench(args: argparse.Namespace) -> int:

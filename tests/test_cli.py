@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fusecache.cli import build_config, build_parser
 from fusecache.disktier import DiskTier
 from fusecache.mount import pidfile_for
 from tests.conftest import fusecache_cmd, needs_fuse
@@ -159,3 +160,15 @@ def test_without_a_disk_tier_the_cache_dir_is_not_looked_at(dirs, mount_factory,
     m = mount_factory(src, "--disk-cache", "0", cache_dir=tmp_path / "file")
     assert os.listdir(m.mnt) == []
     m.unmount()
+
+
+def test_source_timeout(dirs) -> None:
+    src, mnt = dirs
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        assert_usage_error(fusecache_cmd("mount", str(src), str(mnt), f"--source-timeout={bad}"),
+                           "--source-timeout: must be a positive number of seconds")
+    parse = build_parser().parse_args
+    assert build_config(parse(["mount", str(src), str(mnt)])).lower.timeout == 30.0
+    config = build_config(parse(["mount", str(src), str(mnt), "--source-timeout", "2.5"]))
+    assert config.lower.timeout == 2.5
+    assert "--source-timeout SECONDS" in fusecache_cmd("mount", "--help").stdout
