@@ -131,6 +131,14 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno not in PASSTHROUGH_ERRNOS
 
 
+def _log_no_answer(what: str, exc: Exception) -> None:
+    """Log a background question's failure: the lower mount's are expected, others are bugs."""
+    if isinstance(exc, (OSError, FsError)):
+        log.debug("%s: %s", what, exc)
+    else:
+        log.error("%s", what, exc_info=exc)
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm", "rb") as f:
@@ -291,12 +299,12 @@ class FilesystemCore:
                    asking: _Asking) -> None:
         try:
             self._known[key] = await ask()
-        except OSError as exc:
+        except Exception as exc:  # a background task: nothing may escape into the nursery
             asking.error = exc
-            if not _unavailable(exc):
+            if isinstance(exc, OSError) and not _unavailable(exc):
                 self._known[key] = _Refusal(exc.errno or errno.EIO, exc.strerror or "")
             else:
-                log.debug("no fresh answer to %r: %s", key, exc)
+                _log_no_answer(f"no fresh answer to {key!r}", exc)
         finally:
             del self._asking[key]
             asking.done.set()
@@ -384,7 +392,18 @@ class FilesystemCore:
                 "source_failed_fast": src.failed_fast,
                 "abandoned_threads": src.abandoned_threads,
                 "stale_answers": self._stale_answers,
-                "rss_bytes": _rss_bytes()}
+                "rss_bytes": _rss_bytes(),
+                **self._disk_statistics()}
+
+    def _disk_statistics(self) -> dict[str, int]:
+        disk = self.cache.disk
+        if disk is None:
+            return {}
+        d = disk.statistics()
+        return {"disk_write_errors": d.write_errors,
+                "disk_writes_refused_full": d.writes_refused_full,
+                "disk_full_episodes": d.full_episodes,
+                "disk_full_now": int(d.full_now)}
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT_INODE and name == STATS_XATTR:
@@ -499,9 +518,9 @@ class FilesystemCore:
                 lower.pin()
             asking.result = (lower, changed)
             lower.unpin()
-        except OSError as exc:
+        except Exception as exc:  # a background task: nothing may escape into the nursery
             asking.error = exc
-            log.debug("%s: no fresh open: %s", os.fsdecode(path), exc)
+            _log_no_answer(f"{os.fsdecode(path)}: no fresh open", exc)
         finally:
             del self._asking[("open", ino)]
             asking.done.set()

@@ -245,8 +245,11 @@ class LowerSource:
 
     async def close(self, fd: int) -> None:
         """Close a lower fd, however long the lower mount takes (never fails fast)."""
-        await trio.to_thread.run_sync(os.close, fd, limiter=self._closer,
-                                      abandon_on_cancel=True)
+        try:
+            await trio.to_thread.run_sync(os.close, fd, limiter=self._closer,
+                                          abandon_on_cancel=True)
+        except OSError as exc:  # the fd is gone all the same; only the flush failed
+            log.debug("closing a lower fd: %s", exc)
 
     async def read_blocks(
         self, pool: BlockPool, fd: int, offset: int, sizes: list[int], expect: Identity,
