@@ -240,6 +240,8 @@ class BlockCache:
     def _to_disk(self, key: BlockKey) -> None:
         """Move a block the kernel holds whole from memory to the disk tier."""
         assert self._disk is not None
+        if not self._disk.accepting_writes:
+            return  # the disk is full: it stays in memory until evicted
         self._kernel_pages.pop(key, None)
         if self._disk.contains(*key):
             self._memory.discard(key)
@@ -479,7 +481,7 @@ class BlockCache:
         self._kernel_pages.pop(key, None)
         if self._disk is None or key in self._spilling or self._disk.contains(*key):
             return
-        if len(self._spilling) >= self.SPILL_HELD:
+        if len(self._spilling) >= self.SPILL_HELD or not self._disk.accepting_writes:
             self._disk_writes_dropped += 1
             return
         try:

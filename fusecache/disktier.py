@@ -301,6 +301,12 @@ class DiskTier:
                 self._give_up(digest, idx)
         return None
 
+    @property
+    def accepting_writes(self) -> bool:
+        """False while writes are stopped after a failure (a full disk); cheap, no lock."""
+        resume = self._resume_at
+        return resume is None or self._clock() >= resume
+
     def write(self, file_key: Hashable, idx: int, data: Block) -> bool:
         """Store a block; False if the index would not admit it, or writes are stopped."""
         if self._resume_at is not None and not self._try_again():

@@ -22,6 +22,7 @@ import trio
 from fusecache import kernel
 from fusecache.blockcache import BlockCache
 from fusecache.blockio import Block
+from fusecache.cachedir import CacheDirError
 from fusecache.config import MountConfig
 from fusecache.core import FilesystemCore
 from fusecache.disktier import DiskTier
@@ -67,6 +68,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         try:
             disk = DiskTier(config.cache.cache_dir, config.cache.disk_bytes,
                             block_size=config.cache.block_size)
+        except CacheDirError as exc:  # says which dir, and why
+            raise MountError(str(exc)) from None
         except OSError as exc:
             raise MountError(f"cannot use cache dir {config.cache.cache_dir}: {exc}") from None
     async with trio.open_nursery() as nursery:
