@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -26,6 +27,7 @@ from fusecache.cachedir import CacheDirError
 from fusecache.config import MountConfig
 from fusecache.core import FilesystemCore
 from fusecache.disktier import DiskTier
+from fusecache.errors import FsError
 from fusecache.fuse_ops import FuseOperations
 from fusecache.source import LowerSource
 
@@ -91,7 +93,7 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         try:
             with trio.CancelScope() as requests:
                 nursery.start_soon(_stop_on_signals, core, requests)
-                nursery.start_soon(_announce_when_ready, config, on_ready)
+                nursery.start_soon(_announce_when_ready, config, core, nursery, on_ready)
                 await pyfuse3.main()
         finally:
             # No notify call may run into the session pyfuse3.close() frees.
@@ -122,7 +124,15 @@ async def _stop_on_signals(core: FilesystemCore, requests: trio.CancelScope) -> 
             return
 
 
-async def _announce_when_ready(config: MountConfig, on_ready: Callable[[str | None], None]) -> None:
+async def _known_statfs(core: FilesystemCore) -> None:
+    """Ask the lower mount's statfs once, so `df` answers while it hangs later."""
+    with contextlib.suppress(OSError, FsError):
+        await core.statfs()
+
+
+async def _announce_when_ready(config: MountConfig, core: FilesystemCore,
+                               nursery: trio.Nursery,
+                               on_ready: Callable[[str | None], None]) -> None:
     # This stat is served by our own main loop, so it proves the mount answers.
     try:
         st = await trio.to_thread.run_sync(os.stat, config.mountpoint)
@@ -130,6 +140,7 @@ async def _announce_when_ready(config: MountConfig, on_ready: Callable[[str | No
         on_ready(f"the mount does not answer: {exc.strerror} (is {config.source} answering?)")
         pyfuse3.terminate()
         return
+    nursery.start_soon(_known_statfs, core)
     await trio.to_thread.run_sync(kernel.tune_connection, st.st_dev, config.kernel)
     log.info("serving %s at %s", config.source, config.mountpoint)
     on_ready(None)
@@ -251,8 +262,9 @@ def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
         pid: int | None = int(pidfile.read_text())
     except (OSError, ValueError):
         pid = None
-    stale = is_stale_mount(mountpoint)
-    if pid is not None and not stale and _is_our_daemon(pid):
+    # Our daemon, alive: nothing here may call the mount (a statfs would reach a
+    # daemon whose lower mount hangs, and wait on it).
+    if pid is not None and _is_our_daemon(pid):
         os.kill(pid, signal.SIGTERM)
         if not _wait(lambda: not _mounted(mountpoint), UNMOUNT_DEADLINE):
             fusermount_unmount(mountpoint, lazy=True)
@@ -260,7 +272,7 @@ def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
             raise MountError(f"daemon {pid} did not unmount {mountpoint} within "
                              f"{UNMOUNT_DEADLINE:.0f} s; unmounted it lazily and killed it")
     else:
-        err = fusermount_unmount(mountpoint, lazy=stale)
+        err = fusermount_unmount(mountpoint, lazy=is_stale_mount(mountpoint))
         if err is not None:
             raise MountError(f"cannot unmount {mountpoint}: {err}")
     if pid is None:
