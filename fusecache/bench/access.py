@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import models, workload
-from .run import busy_cpu_seconds, drop_caches, fusecache_mount, progress
+from .common import busy_cpu_seconds, drop_caches, fusecache_mount, progress
 from .standin import (
     ACCESS_KEY,
     BUCKET,

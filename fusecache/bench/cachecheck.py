@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .run import daemon_stats, drop_caches, fusecache_mount
+from .common import daemon_stats, drop_caches, fusecache_mount
 from .standin import BUCKET, running_standin
 from .workload import sha256_file
 

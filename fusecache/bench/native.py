@@ -28,27 +28,22 @@ from pathlib import Path
 
 from fusecache.mount import pidfile_for
 
-from .run import daemon_stats, drop_caches, fusecache_mount
+from .common import daemon_stats, drop_caches, fusecache_mount, process_cpu_seconds
 from .workload import sha256_file
 
 IMPLEMENTATIONS = {"native": {}, "python": {"FUSECACHE_NATIVE": "0"}}
 PASSES = ("cold", "memory", "disk")
 
 
-def _daemon_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _timed_read(path: Path, pid: int, want: str) -> tuple[float, float]:
     """(MB/s, daemon CPU s/GB) of one pass; raises on wrong bytes."""
     size = path.stat().st_size
     buf = bytearray(1 << 20)
-    cpu0, t0 = _daemon_cpu(pid), time.perf_counter()
+    cpu0, t0 = process_cpu_seconds(pid), time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         while f.readinto(buf):
             pass
-    elapsed, cpu = time.perf_counter() - t0, _daemon_cpu(pid) - cpu0
+    elapsed, cpu = time.perf_counter() - t0, process_cpu_seconds(pid) - cpu0
     if sha256_file(path) != want:
         raise SystemExit(f"bench.native: WRONG BYTES through fusecache ({path})")
     return size / elapsed / 1e6, cpu / (size / 1e9)

@@ -7,15 +7,22 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import models, workload
+from .common import (
+    daemon_stats,
+    direct_reclaim,
+    fusecache_mount,
+    proactive_reclaim,
+    progress,
+    timed,
+)
 from .standin import BUCKET, DEFAULT_RATE_MBPS, Standin, running_standin
 
 # Rounds of fusecache's second switches (each model's median counts). They come
@@ -104,71 +111,6 @@ def measure_ideal(plain_root: Path, local_root: Path, names: list[str]) -> Ideal
     return Ideal(best, local_root, local)
 
 
-def progress(msg: str, tag: str = "bench") -> None:
-    print(f"[{tag} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def busy_cpu_seconds() -> float:
-    """CPU time the whole machine has spent busy (not idle or waiting on I/O) since boot.
-
-    Machine-wide, because a read through fusecache spends CPU in the reader, the
-    daemon, the kernel's FUSE and block layers, s3fs and the S3 server alike.
-    """
-    with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
-    idle, iowait = ticks[3], ticks[4]
-    return (sum(ticks) - idle - iowait) / os.sysconf("SC_CLK_TCK")
-
-
-def drop_caches(level: int = 3) -> None:
-    """Write back, then drop the kernel's caches (1: page cache; 3: also dentries, inodes)."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text(f"{level}\n")
-
-
-def daemon_stats(mnt: Path) -> dict[str, int]:
-    """The counters of the fusecache daemon serving *mnt*."""
-    stats: dict[str, int] = json.loads(os.getxattr(mnt, "user.fusecache.stats"))
-    return stats
-
-
-@contextlib.contextmanager
-def fusecache_mount(source: Path, extra: list[str], cache_dir: Path | None = None,
-                    env: dict[str, str] | None = None) -> Iterator[Path]:
-    """Mount fusecache over *source* at a temporary mountpoint; always unmount.
-
-    Without *cache_dir* the disk cache is fresh: a cold first switch must not
-    hit an earlier run's blocks.
-    """
-    with tempfile.TemporaryDirectory(prefix="fusecache-bench-") as tmp:
-        mnt = Path(tmp) / "mnt"
-        mnt.mkdir()
-        cmd = [sys.executable, "-m", "fusecache", "mount", str(source), str(mnt),
-               "--log-file", str(Path(tmp) / "fusecache.log"),
-               "--cache-dir", str(cache_dir or Path(tmp) / "cache"), *extra]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                             env={**os.environ, **(env or {})})
-        if res.returncode != 0:
-            raise RuntimeError(f"fusecache mount failed: {res.stderr.strip()}")
-        try:
-            yield mnt
-        finally:
-            subprocess.run([sys.executable, "-m", "fusecache", "umount", str(mnt)],
-                           capture_output=True, check=False)
-            if os.path.ismount(mnt):
-                subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
-
-
-def _timed(fn: Callable[[Path], object], path: Path, counter: Callable[[], int | None]
-           ) -> tuple[float, int | None]:
-    before = counter()
-    t0 = time.perf_counter()
-    fn(path)
-    elapsed = time.perf_counter() - t0
-    after = counter()
-    return elapsed, (after - before) if before is not None and after is not None else None
-
-
 def _daemon_served(mnt: Path) -> int:
     stats = daemon_stats(mnt)
     return stats["served_memory"] + stats["served_disk"] + stats["served_lower"]
@@ -187,7 +129,7 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
     for i, model in enumerate(names, 1):
         path = root / model
         r = SwitchResult(model, path.stat().st_size)
-        r.first_s, r.first_lower_bytes = _timed(workload.first_switch, path, counter)
+        r.first_s, r.first_lower_bytes = timed(workload.first_switch, path, counter)
         progress(f"{name}: first switch {i}/{len(names)} {model} {r.first_s:.2f} s")
         case.switches.append(r)
     if ideal is not None:
@@ -197,11 +139,11 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
     reclaim_before, proactive_before = direct_reclaim(), proactive_reclaim()
     for round_ in range(1, rounds + 1):
         for i, r in enumerate(case.switches, 1):
-            r.add_second(*_timed(workload.second_switch, root / r.model, counter))
+            r.add_second(*timed(workload.second_switch, root / r.model, counter))
             line = f"{r.second_runs[-1]:.2f} s"
             if ideal is not None:
                 local = ideal.local.switches[i - 1]
-                local.add_second(*_timed(workload.second_switch, ideal.local_root / r.model,
+                local.add_second(*timed(workload.second_switch, ideal.local_root / r.model,
                                          lambda: None))
                 line += f", local {local.second_runs[-1]:.2f} s"
             progress(f"{name}: second switch {i}/{len(names)}"
@@ -211,29 +153,6 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
     case.direct_reclaim_second = direct_reclaim() - reclaim_before
     case.proactive_reclaim_second = proactive_reclaim() - proactive_before
     return case
-
-
-DAMON = Path("/sys/kernel/mm/damon/admin/kdamonds")
-
-
-def proactive_reclaim() -> int:
-    """Bytes DAMON schemes have applied their action to since they started (0 without DAMON)."""
-    total = 0
-    for kdamond in DAMON.glob("[0-9]*"):
-        try:  # the counters are refreshed on request
-            (kdamond / "state").write_text("update_schemes_stats\n")
-        except OSError:
-            continue
-        for applied in kdamond.glob("contexts/*/schemes/*/stats/sz_applied"):
-            total += int(applied.read_text())
-    return total
-
-
-def direct_reclaim() -> int:
-    """Pages the kernel scanned to free memory while a process waited for it (/proc/vmstat)."""
-    with open("/proc/vmstat") as f:
-        return sum(int(v) for k, v in (line.split() for line in f)
-                   if k.startswith("pgscan_direct"))
 
 
 def _mb(n: float | None) -> str:
