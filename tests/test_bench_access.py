@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fusecache.bench import access
 
+from fusecache.bench import access
 from tests.conftest import needs_fuse
 
 pytestmark = [

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fusecache.bench import folios
 from fusecache.bench.run import CaseResult, Ideal, SwitchResult, format_ideal
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fusecache.bench.standin import BUCKET, Standin, running_standin
 
+from fusecache.bench.standin import BUCKET, Standin, running_standin
 from fusecache.config import MiB
 from tests.conftest import needs_fuse
 from tests.ramp import ramp, write_ramp
