@@ -20,7 +20,7 @@ from typing import cast
 import pyfuse3
 import trio
 
-from fusecache import kernel
+from fusecache import fuse_tuning
 from fusecache.blockcache import BlockCache
 from fusecache.blockio import Block
 from fusecache.cachedir import CacheDirError
@@ -141,7 +141,7 @@ async def _announce_when_ready(config: MountConfig, core: FilesystemCore,
         pyfuse3.terminate()
         return
     nursery.start_soon(_known_statfs, core)
-    await trio.to_thread.run_sync(kernel.tune_connection, st.st_dev, config.kernel)
+    await trio.to_thread.run_sync(fuse_tuning.tune_connection, st.st_dev, config.kernel)
     log.info("serving %s at %s", config.source, config.mountpoint)
     on_ready(None)
 
