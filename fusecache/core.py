@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from fusecache.blockcache import BlockCache
 from fusecache.blockio import Block
+from fusecache.cache.blocks import BlockCache
 from fusecache.config import ReadaheadConfig
 from fusecache.errors import PASSTHROUGH_ERRNOS, FsError, LowerError
 from fusecache.readahead import FileInterest, SequentialStream

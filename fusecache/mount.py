@@ -21,8 +21,8 @@ import pyfuse3
 import trio
 
 from fusecache import fuse_tuning
-from fusecache.blockcache import BlockCache
 from fusecache.blockio import Block
+from fusecache.cache.blocks import BlockCache
 from fusecache.cachedir import CacheDirError
 from fusecache.config import MountConfig
 from fusecache.core import FilesystemCore

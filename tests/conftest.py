@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from fusecache import blockio
-from fusecache.blockcache import BlockCache
 from fusecache.blockio import Block
+from fusecache.cache.blocks import BlockCache
 from fusecache.config import CacheConfig, MiB
 from fusecache.core import FilesystemCore
 from fusecache.disktier import DiskTier

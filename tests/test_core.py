@@ -187,7 +187,7 @@ async def test_hung_lower_read_is_eio_not_a_hang(core: FilesystemCore, monkeypat
 
     write_ramp(src_of(core) + "/f", 2 * MiB)
     fh = await open_file(core, b"f")
-    monkeypatch.setattr(core.cache, "_pool", HangingPool())
+    monkeypatch.setattr(core.cache._flights, "_pool", HangingPool())
     core.source.timeout = 0.2
     try:
         with trio.fail_after(5), pytest.raises(FsError) as info:

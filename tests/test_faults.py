@@ -526,7 +526,8 @@ def test_unmount_during_hang_with_a_blocked_reader(rig: Rig, children: Children,
     assert not _alive(pid), f"the daemon still runs {took:.1f} s after {how}"
     assert took <= DEADLINE, f"{how} took {took:.1f} s"
     r = p.next(SLACK)  # the blocked reader is let go, with an error
-    assert r.get("errno") in (errno.EIO, errno.ENOTCONN), r
+    # EIO from the source timeout, or ECONNABORTED for a request the unmount dropped
+    assert r.get("errno") in (errno.EIO, errno.ENOTCONN, errno.ECONNABORTED), r
 
 
 def umount_cmd(rig: Rig) -> list[str]:

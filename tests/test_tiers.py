@@ -178,7 +178,7 @@ async def test_a_block_waiting_for_its_writer_is_served_from_memory(
 
 async def test_the_unmount_flush_stops_at_its_deadline_with_whole_blocks(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="fusecache.blockcache")
+    caplog.set_level(logging.INFO, logger="fusecache.cache.spill")
     disk = DiskTier(tmp_path / "cache", 1 << 30)
     real_write = disk.write
 
