@@ -23,7 +23,7 @@ from fusecache.config import (
     memory_limit,
     parse_size,
 )
-from fusecache.mount import (
+from fusecache.daemon import (
     MountError,
     fusermount_unmount,
     is_stale_mount,

@@ -28,7 +28,7 @@ LOG_FILES = 3
 class _CappedLog(logging.handlers.RotatingFileHandler):
     """A rotating log whose files are private, and whose current file also takes fds 1 and 2.
 
-    The daemon's stdout and stderr are dup2'ed onto its log file (mount._detach),
+    The daemon's stdout and stderr are dup2'ed onto its log file (daemon._detach),
     so that stray output (a traceback, a C library's complaint) lands there too.
     After a rollover they follow to the new file; left on the renamed one, they
     would keep writing to a file the cap no longer counts, and to a deleted one

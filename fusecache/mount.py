@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import logging
 import os
-import re
-import select
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import cast
 
 import pyfuse3
@@ -33,14 +25,12 @@ from fusecache.source import LowerSource
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT = 60.0  # seconds the CLI waits for the daemon to answer on its mount
 # Unmounting, by signal or `fusecache umount`, is done within 5 s even when calls
 # on the lower mount hang (a container platform's grace period can be that
 # short, and its SIGKILL would leave a stale mount): requests still waiting on
 # the lower mount this long after the signal are dropped, and the kernel fails
-# them when the session closes.
+# them when the session closes. daemon.UNMOUNT_DEADLINE is the 5 s.
 REQUEST_GRACE = 1.0
-UNMOUNT_DEADLINE = 5.0
 # A store into the page cache takes a millisecond or two; one still going after
 # this is stuck on a page the kernel holds locked.
 PAGE_CACHE_GRACE = 1.5
@@ -48,18 +38,6 @@ PAGE_CACHE_GRACE = 1.5
 
 class MountError(Exception):
     """The mount could not be made; the message is one line for the user."""
-
-
-def runtime_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/run/fusecache")
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/fusecache-{os.getuid()}"
-    return Path(base) / "fusecache" if "XDG_RUNTIME_DIR" in os.environ else Path(base)
-
-
-def pidfile_for(mountpoint: Path) -> Path:
-    digest = hashlib.sha1(os.fsencode(mountpoint.resolve())).hexdigest()[:16]
-    return runtime_dir() / f"{digest}.pid"
 
 
 async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> None:
@@ -144,190 +122,3 @@ async def _announce_when_ready(config: MountConfig, core: FilesystemCore,
     await trio.to_thread.run_sync(fuse_tuning.tune_connection, st.st_dev, config.kernel)
     log.info("serving %s at %s", config.source, config.mountpoint)
     on_ready(None)
-
-
-def run_foreground(config: MountConfig) -> int:
-    """Serve in this process until unmounted; log to stderr."""
-    def ready(err: str | None) -> None:
-        if err is None:
-            print(f"fusecache: {config.source} mounted at {config.mountpoint}", file=sys.stderr)
-
-    try:
-        trio.run(serve, config, ready)
-    except MountError as exc:
-        print(f"fusecache: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def run_daemon(config: MountConfig, log_file: Path, setup_logging: Callable[[], None]) -> int:
-    """Fork a daemon that serves the mount; return once it answers, or fail with one line."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the daemon
-        os.close(rfd)
-        _detach(log_file)
-        setup_logging()
-        code = 0
-
-        def ready(err: str | None) -> None:
-            os.write(wfd, b"ok\n" if err is None else f"{err}\n".encode())
-
-        pidfile = pidfile_for(config.mountpoint)
-        try:
-            pidfile.parent.mkdir(parents=True, exist_ok=True)
-            pidfile.write_text(f"{os.getpid()}\n")
-            trio.run(serve, config, ready)
-        except MountError as exc:
-            ready(str(exc))
-            code = 1
-        except BaseException as exc:
-            log.exception("daemon failed")
-            ready(f"daemon failed: {exc!r} (see {log_file})")
-            code = 1
-        finally:
-            _remove_pidfile(pidfile, os.getpid())
-        os._exit(code)
-    os.close(wfd)
-    answer = _read_answer(rfd, READY_TIMEOUT)
-    os.close(rfd)
-    if answer == "ok":
-        print(f"fusecache: {config.source} mounted at {config.mountpoint} (log: {log_file})",
-              file=sys.stderr)
-        return 0
-    if answer is None:
-        os.kill(pid, signal.SIGTERM)
-        answer = f"the mount did not answer within {READY_TIMEOUT:.0f} s (see {log_file})"
-    elif answer == "":
-        answer = f"the daemon exited before mounting (see {log_file})"
-    os.waitpid(pid, 0)
-    print(f"fusecache: {answer}", file=sys.stderr)
-    return 1
-
-
-def _read_answer(fd: int, timeout: float) -> str | None:
-    deadline = time.monotonic() + timeout
-    data = b""
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return None
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace").strip()
-
-
-def _detach(log_file: Path) -> None:
-    os.setsid()
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(null)
-    os.close(out)
-
-
-def is_stale_mount(path: Path) -> bool:
-    """True if *path* is a FUSE mount whose daemon is gone."""
-    try:
-        # statfs always reaches the daemon; stat may be answered from cached attributes.
-        os.statvfs(path)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
-
-
-def fusermount_unmount(mountpoint: Path, lazy: bool = False) -> str | None:
-    """Unmount with fusermount3; return its complaint, or None on success."""
-    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        return res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
-    return None
-
-
-def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
-    """Unmount and wait for the daemon to exit; raise MountError with the reason.
-
-    A daemon of ours is asked with SIGTERM, so it unmounts itself within
-    seconds even with readers blocked on a hung lower mount, and busy files do
-    not stop it; then it writes its memory cache to disk and exits (*timeout*).
-    """
-    pidfile = pidfile_for(mountpoint)
-    try:
-        pid: int | None = int(pidfile.read_text())
-    except (OSError, ValueError):
-        pid = None
-    # Our daemon, alive: nothing here may call the mount (a statfs would reach a
-    # daemon whose lower mount hangs, and wait on it).
-    if pid is not None and _is_our_daemon(pid):
-        os.kill(pid, signal.SIGTERM)
-        if not _wait(lambda: not _mounted(mountpoint), UNMOUNT_DEADLINE):
-            fusermount_unmount(mountpoint, lazy=True)
-            os.kill(pid, signal.SIGKILL)
-            raise MountError(f"daemon {pid} did not unmount {mountpoint} within "
-                             f"{UNMOUNT_DEADLINE:.0f} s; unmounted it lazily and killed it")
-    else:
-        err = fusermount_unmount(mountpoint, lazy=is_stale_mount(mountpoint))
-        if err is not None:
-            raise MountError(f"cannot unmount {mountpoint}: {err}")
-    if pid is None:
-        return
-    if not _wait(lambda: not _alive(pid), timeout):
-        raise MountError(f"unmounted {mountpoint}, but daemon {pid} is still running")
-    _remove_pidfile(pidfile, pid)
-
-
-def _wait(done: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _mounted(path: Path) -> bool:
-    """Whether *path* is a mount point, from the mount table: nothing asks the mount."""
-    target = os.fsencode(Path(os.path.realpath(path.parent)) / path.name)
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            field = line.split(b" ")[4]
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-            if point == target:
-                return True
-    return False
-
-
-def _is_our_daemon(pid: int) -> bool:
-    """Whether *pid* runs fusecache (a pid file can outlive its daemon, and pids are reused)."""
-    try:
-        return b"fusecache" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid)
-    except OSError:
-        return False
-
-
-def _remove_pidfile(pidfile: Path, pid: int) -> None:
-    """Remove *pidfile* if it still names *pid*, gone or going.
-
-    A daemon that exits removes its own; one that was killed leaves it behind for
-    `unmount`. Either way, a file a newer daemon wrote at the same mountpoint stays.
-    """
-    try:
-        if int(pidfile.read_text()) == pid:
-            pidfile.unlink()
-    except (OSError, ValueError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    """True while *pid* runs; a zombie (exited, not yet reaped) counts as gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z"

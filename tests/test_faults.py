@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fusecache.mount import pidfile_for
+from fusecache.daemon import pidfile_for
 from tests.conftest import Mount, needs_fuse
 from tests.faultfs import FaultFSController, is_mounted
 from tests.ramp import ramp, write_ramp

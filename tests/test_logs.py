@@ -10,7 +10,7 @@ from pathlib import Path
 
 CAP = 64 * 1024
 
-# A daemon in miniature: fds 1 and 2 on the log, as mount._detach leaves them,
+# A daemon in miniature: fds 1 and 2 on the log, as daemon._detach leaves them,
 # then far more log lines than the cap, with stray output from C and Python between.
 DAEMON = f"""
 import logging, os, sys

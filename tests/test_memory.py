@@ -26,7 +26,7 @@ SECONDS = 15.0
 
 
 def _daemon_pid(m: Mount) -> int:
-    from fusecache.mount import pidfile_for
+    from fusecache.daemon import pidfile_for
 
     return int(pidfile_for(m.mnt).read_text())
 

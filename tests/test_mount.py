@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fusecache.config import MiB
-from fusecache.mount import pidfile_for
+from fusecache.daemon import pidfile_for
 from tests.conftest import needs_fuse
 from tests.ramp import ramp, write_ramp
 

@@ -274,7 +274,7 @@ def test_kill_9_mid_read_leaves_no_bad_block(tmp_path: Path, mount_factory) -> N
     import signal
     import threading
 
-    from fusecache.mount import pidfile_for
+    from fusecache.daemon import pidfile_for
     from tests.conftest import fusecache_cmd
 
     src = tmp_path / "tree"

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fusecache.mount import pidfile_for
+from fusecache.daemon import pidfile_for
 
 from .common import daemon_stats, drop_caches, fusecache_mount, process_cpu_seconds
 from .workload import sha256_file
