@@ -15,10 +15,10 @@ import trio
 from fusecache import fuse_tuning
 from fusecache.blockio import Block
 from fusecache.cache.blocks import BlockCache
+from fusecache.cache.disk import DiskTier
 from fusecache.cachedir import CacheDirError
 from fusecache.config import MountConfig
 from fusecache.core import FilesystemCore
-from fusecache.disktier import DiskTier
 from fusecache.errors import FsError
 from fusecache.fuse_ops import FuseOperations
 from fusecache.source import LowerSource

@@ -19,9 +19,9 @@ import trio
 from fusecache import blockio
 from fusecache.blockio import Block
 from fusecache.cache.blocks import BlockCache
+from fusecache.cache.disk import DiskTier
 from fusecache.config import CacheConfig, MiB
 from fusecache.core import FilesystemCore
-from fusecache.disktier import DiskTier
 from fusecache.source import LowerSource
 
 HAVE_FUSE = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from fusecache import cachedir
+from fusecache.cache.disk import FORMAT, DiskTier
 from fusecache.cachedir import LOCK, SIGNATURE, SUBDIR, TAG, CacheDirError, TaggedDir
-from fusecache.disktier import FORMAT, DiskTier
 
 KEY = (b"models/a.safetensors", 1, 2, 3)
 BLOCK = 64 * 1024

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from fusecache.cache.disk import DiskTier
 from fusecache.cli import build_config, build_parser
 from fusecache.daemon import pidfile_for
-from fusecache.disktier import DiskTier
 from tests.conftest import fusecache_cmd, needs_fuse
 from tests.test_cachedir import read_only_dir, snapshot, user_data
 

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusecache import disktier
 from fusecache.blockio import BlockPool
+from fusecache.cache import disk, writestop
+from fusecache.cache.disk import DATA_OFFSET, FORMAT, UNIT, DiskTier
 from fusecache.cachedir import SUBDIR
-from fusecache.disktier import DATA_OFFSET, FORMAT, UNIT, DiskTier
 from tests.ramp import ramp
 from tests.test_cachedir import tmpfs
 
@@ -179,13 +179,13 @@ def test_a_block_being_written_is_invisible_until_whole(
     """Regression: readers found a block in the index before its file was in place."""
     tier = tier_at(tmp_path / "c")
     seen = []
-    real_store = disktier._store
+    real_store = disk.store_slot
 
     def store_after_looking(*args: object) -> None:
         seen.append((tier.contains(KEY, 0), load(tier, pool, KEY, 0)))
         real_store(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("fusecache.disktier._store", store_after_looking)
+    monkeypatch.setattr("fusecache.cache.disk.store_slot", store_after_looking)
     assert tier.write(KEY, 0, block(0))
     assert seen == [(False, None)] and tier.validation_failures == 0
     assert tier.contains(KEY, 0) and load(tier, pool, KEY, 0) == block(0)
@@ -195,13 +195,13 @@ def test_a_block_discarded_while_being_written_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tier = tier_at(tmp_path / "c")
     tier.write(KEY, 1, block(1))
-    real_store = disktier._store
+    real_store = disk.store_slot
 
     def store_after_discard(*args: object) -> None:
         tier.discard_file(KEY)  # the file changed meanwhile
         real_store(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("fusecache.disktier._store", store_after_discard)
+    monkeypatch.setattr("fusecache.cache.disk.store_slot", store_after_discard)
     assert not tier.write(KEY, 0, block(0))
     assert block_files(tmp_path / "c") == [] and tier.used == 0
 
@@ -230,7 +230,7 @@ def test_whole_blocks_in_pool_memory_move_with_o_direct(
             opened.append(bool(flags & os.O_DIRECT))
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr("fusecache.disktier.os.open", recording_open)
+    monkeypatch.setattr("fusecache.cache.disk.os.open", recording_open)
     assert tier.write(KEY, 0, whole) and tier.write(KEY, 1, tail)
     assert load(tier, pool, KEY, 0) == bytes(whole)
     assert load(tier, pool, KEY, 1, 1000) == bytes(tail)
@@ -330,14 +330,14 @@ def full_disk_writer(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         calls["n"] += 1
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("fusecache.disktier._store", store)
+    monkeypatch.setattr("fusecache.cache.disk.store_slot", store)
     return calls
 
 
 def test_a_full_disk_stops_writes_cheaply_says_so_once_and_keeps_reading(
         tmp_path: Path, pool: BlockPool, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="fusecache.disktier")
+    caplog.set_level(logging.DEBUG, logger="fusecache.cache")
     clock = Clock()
     tier = DiskTier(tmp_path / "c", 1 << 30, block_size=BLOCK, clock=clock)
     assert tier.write(KEY, 0, block(0))
@@ -353,26 +353,26 @@ def test_a_full_disk_stops_writes_cheaply_says_so_once_and_keeps_reading(
     assert load(tier, pool, KEY, 0) == block(0), "reading goes on"
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert said == [f"disk cache full at {tmp_path / 'c' / SUBDIR} (No space left on device): "
-                    f"not writing for {disktier.WRITE_BACKOFF:.0f} s"]
+                    f"not writing for {writestop.WRITE_BACKOFF:.0f} s"]
 
 
 def test_writes_are_tried_again_after_the_pause_and_the_log_sums_up_meanwhile(
         tmp_path: Path, pool: BlockPool, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="fusecache.disktier")
+    caplog.set_level(logging.INFO, logger="fusecache.cache")
     clock = Clock()
     tier = DiskTier(tmp_path / "c", 1 << 30, block_size=BLOCK, clock=clock)
     caplog.clear()
-    real_store = disktier._store
+    real_store = disk.store_slot
     calls = full_disk_writer(monkeypatch)
     measured: list[int] = []
-    real_usage = disktier.shutil.disk_usage
+    real_usage = disk.shutil.disk_usage
 
     def usage(path: Path) -> object:
         measured.append(1)
         return real_usage(path)
 
-    monkeypatch.setattr("fusecache.disktier.shutil.disk_usage", usage)
+    monkeypatch.setattr("fusecache.cache.disk.shutil.disk_usage", usage)
     idx = 0
     for _ in range(30 * 60):  # half an hour of a full disk, a write every second
         idx += 1
@@ -387,8 +387,8 @@ def test_writes_are_tried_again_after_the_pause_and_the_log_sums_up_meanwhile(
     # The first line, then a summary at 5, 10, 15, 20 and 25 minutes.
     assert len(said) == 6, said
     assert "writes refused" in said[1] and "still not writing" in said[1]
-    monkeypatch.setattr("fusecache.disktier._store", real_store)  # space came back
-    clock.now += disktier.WRITE_BACKOFF
+    monkeypatch.setattr("fusecache.cache.disk.store_slot", real_store)  # space came back
+    clock.now += writestop.WRITE_BACKOFF
     assert tier.write(KEY, 0, block(0))
     assert not tier.statistics().full_now
     assert "writes again" in caplog.records[-1].getMessage()
@@ -411,7 +411,7 @@ def fill(directory: Path) -> Path:
 
 def test_a_real_full_disk_stops_writes_and_a_cleaned_one_takes_them_again(
         tmp_path: Path, pool: BlockPool, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="fusecache.disktier")
+    caplog.set_level(logging.INFO, logger="fusecache.cache")
     clock = Clock()
     with tmpfs(tmp_path / "small") as fs:
         tier = DiskTier(fs / "cache", 1 << 30, block_size=BLOCK, clock=clock)
@@ -427,7 +427,7 @@ def test_a_real_full_disk_stops_writes_and_a_cleaned_one_takes_them_again(
             assert "disk cache full" in caplog.records[0].getMessage()
             assert load(tier, pool, KEY, 0) == block(0)
             filler.unlink()
-            clock.now += disktier.WRITE_BACKOFF
+            clock.now += writestop.WRITE_BACKOFF
             assert tier.write(KEY, 1, block(1)) and load(tier, pool, KEY, 1) == block(1)
             assert not tier.statistics().full_now
             # Measured again: what it holds plus 90% of what is free now.

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import trio
 
 from fusecache.blockio import Block, BlockPool, new_pool
+from fusecache.cache.disk import DiskTier
 from fusecache.cache.flights import CachedFile, Flight, Flights
 from fusecache.cache.memory import MemoryTier
 from fusecache.cache.spill import SpillQueue
 from fusecache.cache.underway import Underway
 from fusecache.config import CacheConfig
-from fusecache.disktier import DiskTier
 from fusecache.errors import LowerError
 from fusecache.lru import BlockKey
 from fusecache.source import LowerSource

@@ -13,9 +13,9 @@ from typing import Protocol
 import trio
 
 from fusecache.blockio import Block, BlockPool
+from fusecache.cache.disk import DiskTier
 from fusecache.cache.memory import MemoryTier
 from fusecache.cache.spill import SpillQueue
-from fusecache.disktier import DiskTier
 from fusecache.errors import LowerError
 from fusecache.lru import BlockKey
 from fusecache.source import Identity, LowerSource, SourceUnavailable

@@ -8,8 +8,8 @@ from collections.abc import Hashable
 import trio
 
 from fusecache.blockio import Block
+from fusecache.cache.disk import DiskTier
 from fusecache.cache.underway import Underway
-from fusecache.disktier import DiskTier
 from fusecache.lru import BlockKey
 
 log = logging.getLogger(__name__)
