@@ -10,8 +10,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from fusecache.core import Attr, FilesystemCore
 from fusecache.errors import errno_for
+from fusecache.fs.core import Attr, FilesystemCore
 from fusecache.source import SourceUnavailable
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from fusecache.cache.blocks import BlockCache
 from fusecache.cache.disk import DiskTier
 from fusecache.cachedir import CacheDirError
 from fusecache.config import MountConfig
-from fusecache.core import FilesystemCore
 from fusecache.errors import FsError
+from fusecache.fs.core import FilesystemCore
 from fusecache.fuse_ops import FuseOperations
 from fusecache.source import LowerSource
 

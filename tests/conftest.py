@@ -21,7 +21,7 @@ from fusecache.blockio import Block
 from fusecache.cache.blocks import BlockCache
 from fusecache.cache.disk import DiskTier
 from fusecache.config import CacheConfig, MiB
-from fusecache.core import FilesystemCore
+from fusecache.fs.core import FilesystemCore
 from fusecache.source import LowerSource
 
 HAVE_FUSE = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None

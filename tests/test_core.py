@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from fusecache.config import MiB
-from fusecache.core import ROOT_INODE, FilesystemCore
 from fusecache.errors import FsError
+from fusecache.fs.core import ROOT_INODE, FilesystemCore
 from tests.ramp import ramp, write_ramp, write_sparse_ramp
 
 

@@ -13,7 +13,7 @@ import trio
 from fusecache.blockio import Block
 from fusecache.cache.disk import DiskTier
 from fusecache.config import MiB
-from fusecache.core import FilesystemCore
+from fusecache.fs.core import FilesystemCore
 from tests.conftest import Mount, make_core, needs_fuse
 from tests.ramp import ramp, write_ramp
 from tests.test_core import open_file

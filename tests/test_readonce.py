@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusecache.config import MiB, ReadaheadConfig
-from fusecache.core import SHA256_XATTR, FilesystemCore
 from fusecache.errors import FsError
+from fusecache.fs.core import SHA256_XATTR, FilesystemCore
 from tests.conftest import Mount, force_unmount, fusecache_cmd, make_core, needs_fuse
 from tests.ramp import ramp, write_ramp
 from tests.test_core import open_file, src_of

@@ -1,0 +1,1 @@
+"""The filesystem the kernel talks to: `FilesystemCore` (core.py) is what fuse_ops.py calls."""
