@@ -13,6 +13,7 @@ from fusecache.bench import access
 from tests.conftest import needs_fuse
 
 pytestmark = [
+    pytest.mark.standin,
     needs_fuse,
     pytest.mark.skipif(shutil.which("s3fs") is None, reason="s3fs is not installed"),
     pytest.mark.skipif(os.geteuid() != 0, reason="the access bench drops caches: root only"),

@@ -12,6 +12,8 @@ import pytest
 from fusecache.bench import folios
 from fusecache.bench.run import CaseResult, Ideal, SwitchResult, format_ideal
 
+pytestmark = pytest.mark.unit
+
 
 def test_second_switch_is_the_median_of_its_rounds_and_bytes_add_up() -> None:
     r = SwitchResult("a.safetensors", 100)

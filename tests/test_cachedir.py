@@ -16,6 +16,8 @@ from fusecache import cachedir
 from fusecache.cache.disk import FORMAT, DiskTier
 from fusecache.cachedir import LOCK, SIGNATURE, SUBDIR, TAG, CacheDirError, TaggedDir
 
+pytestmark = pytest.mark.unit
+
 KEY = (b"models/a.safetensors", 1, 2, 3)
 BLOCK = 64 * 1024
 

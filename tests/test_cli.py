@@ -31,11 +31,13 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return src, mnt
 
 
+@pytest.mark.unit
 def test_missing_source(dirs) -> None:
     _, mnt = dirs
     assert_usage_error(fusecache_cmd("mount", "/nonexistent/x", str(mnt)), "does not exist")
 
 
+@pytest.mark.unit
 def test_source_not_a_directory(dirs, tmp_path: Path) -> None:
     _, mnt = dirs
     (tmp_path / "file").write_text("x")
@@ -43,6 +45,7 @@ def test_source_not_a_directory(dirs, tmp_path: Path) -> None:
                        "is not a directory")
 
 
+@pytest.mark.unit
 def test_mountpoint_problems(dirs, tmp_path: Path) -> None:
     src, mnt = dirs
     assert_usage_error(fusecache_cmd("mount", str(src), str(tmp_path / "none")),
@@ -54,6 +57,7 @@ def test_mountpoint_problems(dirs, tmp_path: Path) -> None:
     assert_usage_error(fusecache_cmd("mount", str(src), str(mnt)), "is not empty")
 
 
+@pytest.mark.unit
 def test_same_or_nested(dirs) -> None:
     src, _ = dirs
     (src / "inner").mkdir()
@@ -61,6 +65,7 @@ def test_same_or_nested(dirs) -> None:
     assert_usage_error(fusecache_cmd("mount", str(src), str(src / "inner")), "inside")
 
 
+@pytest.mark.unit
 def test_unknown_option_and_bad_size(dirs) -> None:
     src, mnt = dirs
     assert_usage_error(fusecache_cmd("mount", str(src), str(mnt), "--bogus"), "unrecognized")
@@ -68,16 +73,19 @@ def test_unknown_option_and_bad_size(dirs) -> None:
                        "cannot parse size")
 
 
+@pytest.mark.unit
 def test_umount_of_unmounted(dirs) -> None:
     _, mnt = dirs
     assert_usage_error(fusecache_cmd("umount", str(mnt)), "is not mounted")
 
 
+@pytest.mark.unit
 def test_help_explains() -> None:
     res = fusecache_cmd("mount", "--help")
     assert res.returncode == 0 and "--mem-cache" in res.stdout
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_already_mounted_and_stale_mount(dirs, mount_factory, tmp_path: Path) -> None:
     src, _ = dirs
@@ -102,6 +110,7 @@ def test_already_mounted_and_stale_mount(dirs, mount_factory, tmp_path: Path) ->
     assert not os.path.ismount(m.mnt)
 
 
+@pytest.mark.unit
 def test_bench_bad_rate(tmp_path: Path) -> None:
     assert_usage_error(fusecache_cmd("bench", "--rate", "0"), "--rate must be a positive")
     assert_usage_error(fusecache_cmd("bench", "--rate", "fast"), "invalid int value")
@@ -109,6 +118,7 @@ def test_bench_bad_rate(tmp_path: Path) -> None:
                        "cannot cap SOURCE_DIR")
 
 
+@pytest.mark.unit
 def test_a_cache_dir_holding_someone_elses_data_is_refused_and_untouched(
         dirs, tmp_path: Path) -> None:
     src, mnt = dirs
@@ -120,6 +130,7 @@ def test_a_cache_dir_holding_someone_elses_data_is_refused_and_untouched(
     assert os.listdir(mnt) == [] and not os.path.ismount(mnt)
 
 
+@pytest.mark.unit
 def test_a_cache_dir_in_the_source_or_mountpoint_is_refused(dirs, tmp_path: Path) -> None:
     src, mnt = dirs
     (tmp_path / "link").symlink_to(src)
@@ -131,6 +142,7 @@ def test_a_cache_dir_in_the_source_or_mountpoint_is_refused(dirs, tmp_path: Path
     assert os.listdir(src) == [] and os.listdir(mnt) == []
 
 
+@pytest.mark.unit
 def test_a_cache_dir_that_is_no_directory_or_read_only_is_refused(dirs, tmp_path: Path) -> None:
     src, mnt = dirs
     (tmp_path / "file").write_text("x")
@@ -141,6 +153,7 @@ def test_a_cache_dir_that_is_no_directory_or_read_only_is_refused(dirs, tmp_path
                            "read-only")
 
 
+@pytest.mark.unit
 def test_a_cache_dir_in_use_is_refused(dirs, tmp_path: Path) -> None:
     src, mnt = dirs
     tier = DiskTier(tmp_path / "cache", 1 << 30)  # what another daemon holds
@@ -152,6 +165,7 @@ def test_a_cache_dir_in_use_is_refused(dirs, tmp_path: Path) -> None:
         tier.close()
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_without_a_disk_tier_the_cache_dir_is_not_looked_at(dirs, mount_factory,
                                                             tmp_path: Path) -> None:
@@ -162,6 +176,7 @@ def test_without_a_disk_tier_the_cache_dir_is_not_looked_at(dirs, mount_factory,
     m.unmount()
 
 
+@pytest.mark.unit
 def test_source_timeout(dirs) -> None:
     src, mnt = dirs
     for bad in ("0", "-1", "nan", "inf", "soon"):

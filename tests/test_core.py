@@ -15,6 +15,8 @@ from fusecache.errors import FsError
 from fusecache.fs.core import ROOT_INODE, FilesystemCore
 from tests.ramp import ramp, write_ramp, write_sparse_ramp
 
+pytestmark = pytest.mark.core
+
 
 def src_of(core: FilesystemCore) -> str:
     return os.fsdecode(core.source.root)

@@ -19,6 +19,8 @@ from fusecache.cachedir import SUBDIR
 from tests.ramp import ramp
 from tests.test_cachedir import tmpfs
 
+pytestmark = pytest.mark.unit
+
 KEY = (b"models/a.safetensors", 3 << 20, 123456789, 42)
 BLOCK = 64 * 1024
 

@@ -27,7 +27,7 @@ from tests.conftest import Mount, needs_fuse
 from tests.faultfs import FaultFSController, is_mounted
 from tests.ramp import ramp, write_ramp
 
-pytestmark = needs_fuse
+pytestmark = [needs_fuse, pytest.mark.mount]
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20

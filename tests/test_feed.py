@@ -8,6 +8,7 @@ import os
 import random
 from pathlib import Path
 
+import pytest
 import trio
 
 from fusecache.blockio import Block
@@ -48,6 +49,7 @@ async def _load_header_then_scattered(core: FilesystemCore, name: bytes) -> tupl
     return fh, (await core.lookup(1, name)).ino
 
 
+@pytest.mark.core
 async def test_a_fill_feeds_the_blocks_the_kernel_lacks(tmp_path: Path) -> None:
     kernel = PageCache()
     disk = DiskTier(tmp_path / "cache", 1 << 30)
@@ -65,6 +67,7 @@ async def test_a_fill_feeds_the_blocks_the_kernel_lacks(tmp_path: Path) -> None:
         assert stats.memory_used == SIZE - sum(len(d) for d in kernel.stored.values())
 
 
+@pytest.mark.core
 async def test_fed_and_with_a_disk_tier_a_file_bigger_than_memory_is_fetched_whole(
         tmp_path: Path) -> None:
     size = 48 * MiB + 5  # over half the 64 MiB memory cache
@@ -92,6 +95,7 @@ async def test_fed_and_with_a_disk_tier_a_file_bigger_than_memory_is_fetched_who
         assert core.cache.statistics().lower_bytes < size
 
 
+@pytest.mark.core
 async def test_nothing_is_fed_once_the_file_changed(tmp_path: Path) -> None:
     kernel = PageCache()
     async with make_core(tmp_path, 64 * MiB, store=kernel.store) as core:
@@ -108,6 +112,7 @@ async def test_nothing_is_fed_once_the_file_changed(tmp_path: Path) -> None:
         f.unpin()
 
 
+@pytest.mark.core
 async def test_a_kernel_without_notify_store_is_asked_once(tmp_path: Path) -> None:
     kernel = PageCache(fail=errno.ENOSYS)
     async with make_core(tmp_path, 64 * MiB, store=kernel.store) as core:
@@ -117,6 +122,7 @@ async def test_a_kernel_without_notify_store_is_asked_once(tmp_path: Path) -> No
         assert core.cache.statistics().lower_bytes == SIZE, "the fill goes on without it"
 
 
+@pytest.mark.core
 async def test_no_page_cache_call_once_the_session_is_closing(tmp_path: Path) -> None:
     kernel = PageCache()
     invalidated = []
@@ -139,6 +145,7 @@ async def test_no_page_cache_call_once_the_session_is_closing(tmp_path: Path) ->
 # --- through the kernel ---
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_a_mapped_load_finds_the_fed_pages(tmp_path: Path, mount_factory) -> None:
     src = tmp_path / "src"
@@ -168,6 +175,7 @@ def test_a_mapped_load_finds_the_fed_pages(tmp_path: Path, mount_factory) -> Non
     assert requests["--feed-page-cache"] == 0 < requests["--no-feed-page-cache"], requests
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_fed_pages_of_an_old_version_are_never_read_as_the_new_one(tmp_path: Path,
                                                                    mount_factory) -> None:

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 CAP = 64 * 1024
 
 # A daemon in miniature: fds 1 and 2 on the log, as daemon._detach leaves them,

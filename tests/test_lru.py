@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fusecache.lru import ScanResistantLRU
+
+pytestmark = pytest.mark.unit
 
 
 def test_evicts_least_recently_used_by_bytes() -> None:

@@ -10,11 +10,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from fusecache.config import MiB
 from tests.conftest import Mount, needs_fuse
 from tests.ramp import ramp, write_ramp
 
-pytestmark = needs_fuse
+pytestmark = [needs_fuse, pytest.mark.mount]
 
 MEM = 64 * MiB
 # docs/design.md, "Memory": the interpreter and its libraries (about 35 MiB), empty pool

@@ -20,7 +20,7 @@ from fusecache.daemon import pidfile_for
 from tests.conftest import needs_fuse
 from tests.ramp import ramp, write_ramp
 
-pytestmark = needs_fuse
+pytestmark = [needs_fuse, pytest.mark.mount]
 
 
 def drop_kernel_cache(path: Path) -> None:

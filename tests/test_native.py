@@ -17,6 +17,8 @@ from fusecache.config import MiB
 from tests.conftest import IMPLEMENTATIONS, pool_class
 from tests.ramp import ramp
 
+pytestmark = pytest.mark.unit
+
 SLOT = 64 * 1024
 FILE = 5 * SLOT + 123
 

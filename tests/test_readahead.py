@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fusecache.config import MiB, ReadaheadConfig
 from fusecache.readahead import FileInterest, SequentialStream
+
+pytestmark = pytest.mark.unit
 
 CFG = ReadaheadConfig(initial_window=2 * MiB, max_window=16 * MiB, slack=4 * MiB)
 

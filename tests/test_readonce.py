@@ -25,6 +25,7 @@ from tests.test_mount import drop_kernel_cache
 SIZE = 24 * MiB + 4321  # under half the core fixture's 64 MiB memory cache
 
 
+@pytest.mark.core
 async def test_sequential_head_fetches_the_rest(core: FilesystemCore) -> None:
     write_ramp(src_of(core) + "/m", SIZE)
     fh = await open_file(core, b"m")
@@ -43,6 +44,7 @@ async def test_sequential_head_fetches_the_rest(core: FilesystemCore) -> None:
     assert SHA256_XATTR not in await core.listxattr(ino), "hashed only when asked"
 
 
+@pytest.mark.core
 async def test_sha256_asked_of_a_cold_file_fetches_it_once_for_the_readers_after(
         core: FilesystemCore) -> None:
     write_ramp(src_of(core) + "/m", SIZE)
@@ -60,6 +62,7 @@ async def test_sha256_asked_of_a_cold_file_fetches_it_once_for_the_readers_after
     assert await core.getxattr(ino, SHA256_XATTR) == digest, "known now: answered at once"
 
 
+@pytest.mark.core
 async def test_sha256_of_a_file_bigger_than_the_fill_takes(core: FilesystemCore) -> None:
     size = 40 * MiB + 7  # over half the 64 MiB memory cache: no fill, the hash reads ahead
     write_ramp(src_of(core) + "/m", size)
@@ -70,6 +73,7 @@ async def test_sha256_of_a_file_bigger_than_the_fill_takes(core: FilesystemCore)
     assert core.cache.statistics().lower_reads < size // MiB, "fetched in units, not block by block"
 
 
+@pytest.mark.core
 async def test_two_askers_share_one_hash(core: FilesystemCore) -> None:
     write_ramp(src_of(core) + "/m", SIZE)
     ino = (await core.lookup(1, b"m")).ino
@@ -87,6 +91,7 @@ async def test_two_askers_share_one_hash(core: FilesystemCore) -> None:
     assert core.cache.statistics().lower_bytes == SIZE
 
 
+@pytest.mark.core
 async def test_sha256_of_a_file_the_lower_mount_fails_to_read_is_eio(
         core: FilesystemCore, monkeypatch: pytest.MonkeyPatch) -> None:
     write_ramp(src_of(core) + "/m", SIZE)
@@ -107,6 +112,7 @@ async def test_sha256_of_a_file_the_lower_mount_fails_to_read_is_eio(
     assert digest.decode() == hashlib.sha256(ramp(0, SIZE)).hexdigest()
 
 
+@pytest.mark.core
 async def test_with_sha256_on_the_fill_hashes_as_it_streams(core: FilesystemCore) -> None:
     core.readahead = ReadaheadConfig(sha256=True)  # `fusecache mount --sha256`
     write_ramp(src_of(core) + "/m", SIZE)
@@ -122,6 +128,7 @@ async def test_with_sha256_on_the_fill_hashes_as_it_streams(core: FilesystemCore
         ramp(0, SIZE)).hexdigest()
 
 
+@pytest.mark.core
 async def test_sha256_of_a_directory_is_no_data(core: FilesystemCore) -> None:
     os.mkdir(src_of(core) + "/d")
     ino = (await core.lookup(1, b"d")).ino
@@ -130,6 +137,7 @@ async def test_sha256_of_a_directory_is_no_data(core: FilesystemCore) -> None:
     assert info.value.errno == errno.ENODATA
 
 
+@pytest.mark.core
 async def test_header_then_scattered_reads_fetch_the_rest(core: FilesystemCore) -> None:
     write_ramp(src_of(core) + "/m", SIZE)
     fh = await open_file(core, b"m")
@@ -141,6 +149,7 @@ async def test_header_then_scattered_reads_fetch_the_rest(core: FilesystemCore) 
     assert core.cache.statistics().lower_bytes == SIZE
 
 
+@pytest.mark.core
 async def test_files_too_big_for_memory_are_not_fetched_whole(core: FilesystemCore) -> None:
     size = 40 * MiB  # over half the 64 MiB memory cache
     write_ramp(src_of(core) + "/m", size)
@@ -151,6 +160,7 @@ async def test_files_too_big_for_memory_are_not_fetched_whole(core: FilesystemCo
     assert core.cache.statistics().lower_bytes < size
 
 
+@pytest.mark.core
 async def test_changed_file_gets_the_new_sha256(core: FilesystemCore) -> None:
     write_ramp(src_of(core) + "/m", SIZE)
     ino = (await core.lookup(1, b"m")).ino
@@ -178,6 +188,7 @@ def _tensor_order_mmap_load(path: Path, size: int) -> bytes:
     return bytes(out)
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_hash_then_load_reads_each_block_from_below_once(tmp_path: Path, mount_factory) -> None:
     src = tmp_path / "src"
@@ -197,6 +208,7 @@ def test_hash_then_load_reads_each_block_from_below_once(tmp_path: Path, mount_f
     assert stats["lower_bytes"] == size, "hash then load: every block crosses once"
 
 
+@pytest.mark.core
 async def test_passes_over_a_file_bigger_than_the_cache(tmp_path: Path, implementation: str
                                                       ) -> None:
     """Regression: read-ahead outran the passing FIFO and fetched the file's tail twice."""
@@ -217,6 +229,7 @@ async def test_passes_over_a_file_bigger_than_the_cache(tmp_path: Path, implemen
         assert core.cache.statistics().memory_used <= 32 * MiB
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_second_pass_over_a_file_bigger_than_the_cache_hits(tmp_path: Path, mount_factory
                                                             ) -> None:
@@ -259,6 +272,7 @@ READ = st.tuples(st.integers(0, 13 * MiB + 200), st.integers(1, 3 * MiB))
 RUN = st.tuples(st.integers(0, 13 * MiB), st.integers(1, 40), st.sampled_from([4096, 128 * 1024]))
 
 
+@pytest.mark.mount
 @needs_fuse
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -280,6 +294,7 @@ def test_reference_random_and_sequential_mixes(reference_mount, ops) -> None:
                     assert m.read(chunk) == d.read(chunk), args
 
 
+@pytest.mark.core
 async def test_a_random_read_fetches_only_its_block(core: FilesystemCore) -> None:
     """Regression: a miss fetched a whole 8 MiB unit; a load pass over a file the
     page cache mostly held moved 4.2 GB from below to serve 77 MB (scale-0.2 bench)."""

@@ -25,6 +25,7 @@ from tests.ramp import ramp, write_ramp
 from tests.test_mount import drop_kernel_cache
 
 pytestmark = [
+    pytest.mark.standin,
     needs_fuse,
     pytest.mark.skipif(shutil.which("s3fs") is None, reason="s3fs is not installed"),
 ]

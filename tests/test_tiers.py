@@ -35,6 +35,7 @@ async def read_settled(tmp_path: Path, core: FilesystemCore, flags: int = os.O_R
     return fh
 
 
+@pytest.mark.core
 async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path, implementation: str
                                                          ) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
@@ -51,6 +52,7 @@ async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path, impleme
         assert stats.served_disk > SIZE // 2
 
 
+@pytest.mark.core
 async def test_blocks_the_kernel_holds_leave_memory_for_disk(tmp_path: Path,
                                                               implementation: str) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
@@ -65,6 +67,7 @@ async def test_blocks_the_kernel_holds_leave_memory_for_disk(tmp_path: Path,
         assert core.cache.statistics().lower_bytes == lower
 
 
+@pytest.mark.core
 async def test_an_o_direct_reader_keeps_nothing_so_memory_keeps_its_blocks(
         tmp_path: Path, implementation: str) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
@@ -81,6 +84,7 @@ async def test_an_o_direct_reader_keeps_nothing_so_memory_keeps_its_blocks(
         assert core.cache.statistics().lower_bytes == 0
 
 
+@pytest.mark.core
 async def test_the_sha256_is_kept_with_the_disk_tier_across_a_remount(
         tmp_path: Path, implementation: str) -> None:
     want = hashlib.sha256(ramp(0, SIZE)).hexdigest().encode()
@@ -106,6 +110,7 @@ async def test_the_sha256_is_kept_with_the_disk_tier_across_a_remount(
             ramp(0, SIZE, seed=4)).hexdigest().encode()
 
 
+@pytest.mark.core
 async def test_a_block_leaves_memory_only_once_the_kernel_holds_every_page(
         tmp_path: Path) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
@@ -128,6 +133,7 @@ async def test_a_block_leaves_memory_only_once_the_kernel_holds_every_page(
         assert disk.used == MiB + 5000 and cache.statistics().memory_used == 0
 
 
+@pytest.mark.core
 async def test_a_whole_file_fetch_leaves_blocks_on_disk_where_they_are(tmp_path: Path) -> None:
     """After a remount, a hash pass over a file on disk fires read-once; its fill must not
     copy the rest of the file from disk into memory ahead of any reader."""
@@ -152,6 +158,7 @@ async def test_a_whole_file_fetch_leaves_blocks_on_disk_where_they_are(tmp_path:
         assert stats.memory_used <= 17 * MiB + 24 * MiB, "the fill copied disk blocks"
 
 
+@pytest.mark.core
 async def test_a_block_waiting_for_its_writer_is_served_from_memory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
@@ -176,6 +183,7 @@ async def test_a_block_waiting_for_its_writer_is_served_from_memory(
             await core.cache.wait_spilled()
 
 
+@pytest.mark.core
 async def test_the_unmount_flush_stops_at_its_deadline_with_whole_blocks(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="fusecache.cache.spill")
@@ -201,6 +209,7 @@ async def test_the_unmount_flush_stops_at_its_deadline_with_whole_blocks(
     assert again.used == disk.used and again.validation_failures == 0
 
 
+@pytest.mark.core
 async def test_corrupted_disk_block_is_refetched(tmp_path: Path, implementation: str) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)
     (tmp_path / "src").mkdir()
@@ -223,6 +232,7 @@ async def test_corrupted_disk_block_is_refetched(tmp_path: Path, implementation:
         assert core.cache.statistics().lower_bytes > 0
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_the_daemon_lets_go_of_what_the_kernel_page_cache_holds(tmp_path: Path,
                                                                 mount_factory) -> None:
@@ -244,6 +254,7 @@ def test_the_daemon_lets_go_of_what_the_kernel_page_cache_holds(tmp_path: Path,
     assert stats["memory_used"] == SIZE, "direct.bin's blocks, and none of cached.bin's"
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_remount_serves_from_disk(tmp_path: Path, mount_factory) -> None:
     from tests.test_mount import drop_kernel_cache
@@ -269,6 +280,7 @@ def test_remount_serves_from_disk(tmp_path: Path, mount_factory) -> None:
     assert stats["served_disk"] > 0
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_kill_9_mid_read_leaves_no_bad_block(tmp_path: Path, mount_factory) -> None:
     import signal
