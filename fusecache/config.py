@@ -77,6 +77,50 @@ class CacheConfig:
     # about 12 GB here and stays within the 30 s `fusecache umount` waits.
     flush_on_unmount: float = 20.0
 
+    # --- derived numbers: each computed here and nowhere else ---------------
+
+    @property
+    def passing_bytes(self) -> int:
+        """Memory for blocks the scan rule turns away until their reader comes (an eighth).
+
+        The LRU gets the rest (`lru_bytes`), so a second pass over a file 1.5x the
+        budget still hits 58%; both stay within mem_bytes (in a container, more is
+        an OOM kill).
+        """
+        return self.mem_bytes // 8
+
+    @property
+    def lru_bytes(self) -> int:
+        return self.mem_bytes - self.passing_bytes
+
+    @property
+    def fetch_bytes(self) -> int:
+        """Bytes per lower read: --fetch-size, in whole blocks, at most half of passing.
+
+        A fetch's blocks must all fit in passing until their readers come, with a
+        second fetch behind them.
+        """
+        fetch = min(self.fetch_size, self.passing_bytes // 2)
+        return max(1, fetch // self.block_size) * self.block_size
+
+    @property
+    def fetch_blocks(self) -> int:
+        return self.fetch_bytes // self.block_size
+
+    @property
+    def readahead_reach(self) -> int:
+        """How far read-ahead may run past its reader: one more fetch still fits in passing."""
+        return max(self.block_size, self.passing_bytes - self.fetch_bytes)
+
+    @property
+    def whole_file_in_memory(self) -> int:
+        """The largest file a whole-file fetch keeps in memory until its reader comes.
+
+        Half the LRU: a bigger one would evict its own head (or other files)
+        before the next pass reads it.
+        """
+        return self.lru_bytes // 2
+
 
 @dataclass(frozen=True)
 class SourceConfig:

@@ -22,6 +22,7 @@ from fusecache.errors import FsError
 from fusecache.fs.core import FilesystemCore
 from fusecache.fuse_ops import FuseOperations
 from fusecache.source import LowerSource
+from fusecache.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,12 @@ class MountError(Exception):
 
 async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> None:
     """Mount, call on_ready(None) once the mount answers, serve until unmounted or signalled."""
-    source = LowerSource(config.source, config.lower)
+    threads = ThreadPolicy(config.lower)
+    source = LowerSource(config.source, config.lower, threads)
+    if config.cache.fetch_bytes != config.cache.fetch_size:
+        log.info("reading %d MiB from the lower mount at a time (--fetch-size %d MiB is more "
+                 "than half of an eighth of --mem-cache, or not whole MiB)",
+                 config.cache.fetch_bytes >> 20, config.cache.fetch_size >> 20)
     disk = None
     if config.cache.cache_dir is not None and config.cache.disk_bytes > 0:
         try:
@@ -54,7 +60,7 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
             raise MountError(f"cannot use cache dir {config.cache.cache_dir}: {exc}") from None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(source.run)
-        cache = BlockCache(config.cache, source, nursery, disk)
+        cache = BlockCache(config.cache, source, nursery, disk, threads=threads)
         # notify_store takes any buffer (it gets a Py_buffer), whatever its stub says.
         store = cast(Callable[[int, int, Block], None], pyfuse3.notify_store)
         core = FilesystemCore(source, cache, nursery, readahead=config.readahead,

@@ -25,6 +25,7 @@ import trio
 from fusecache.blockio import Block, BlockPool
 from fusecache.config import SourceConfig
 from fusecache.errors import LowerError
+from fusecache.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +95,18 @@ class LowerSource:
     an unhealthy source to become healthy again.
     """
 
-    def __init__(self, root: os.PathLike[str] | str, config: SourceConfig | None = None):
+    def __init__(self, root: os.PathLike[str] | str, config: SourceConfig | None = None,
+                 threads: ThreadPolicy | None = None):
         config = config or SourceConfig()
+        threads = threads or ThreadPolicy(config)
         self.root = os.fsencode(os.path.abspath(root))
         self.timeout = config.timeout
         self.stale_after = config.stale_after
-        self._demand = trio.CapacityLimiter(config.demand_threads)
-        self._metadata = trio.CapacityLimiter(config.metadata_threads)
-        self._readahead = trio.CapacityLimiter(config.readahead_threads)
-        # close() must happen however the lower mount fares, or fds leak: it has
-        # its own threads and waits for one as long as it takes.
-        self._closer = trio.CapacityLimiter(4)
+        self._demand = threads.lower_demand
+        self._metadata = threads.lower_metadata
+        self._readahead = threads.lower_readahead
+        self._closer = threads.lower_close  # waits for a thread as long as it takes
+        self._prober = threads.lower_probe
         self._healthy = True
         self._unhealthy = trio.Event()  # set while unhealthy: wakes run()
         self._probe: Callable[[], object] | None = None
@@ -208,7 +210,8 @@ class LowerSource:
             probe, started = self._probe, trio.current_time()
             assert probe is not None
             try:
-                await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(probe, limiter=self._prober,
+                                              abandon_on_cancel=True)
             except OSError:
                 pass  # an answer all the same: the mount is back, if not the file
             self._healthy = True

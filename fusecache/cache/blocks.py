@@ -21,6 +21,7 @@ from fusecache.config import CacheConfig
 from fusecache.errors import LowerError
 from fusecache.lru import BlockKey
 from fusecache.source import LowerSource
+from fusecache.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +62,19 @@ class BlockCache:
     def __init__(
         self, config: CacheConfig, source: LowerSource, nursery: trio.Nursery,
         disk: DiskTier | None = None, pool: BlockPool | None = None,
+        threads: ThreadPolicy | None = None,
     ) -> None:
+        self.config = config
         self.block_size = config.block_size
-        passing = config.mem_bytes // 8
+        self.fetch_blocks = config.fetch_blocks
         self._spill = SpillQueue(disk, nursery) if disk is not None else None
-        self._memory = MemoryTier(config.mem_bytes, passing, self._evicted)
-        # A fetch's blocks must all fit in passing until their readers come.
-        fetch = min(config.fetch_size, passing // 2)
-        self.fetch_blocks = max(1, fetch // config.block_size)
-        # Read-ahead may reach this far past the reader: a fetch unit on top of
-        # it still fits in passing (see FilesystemCore.open).
-        self.readahead_reach = max(config.block_size, passing - fetch)
+        self._memory = MemoryTier(config.lru_bytes, config.passing_bytes, self._evicted)
         self._pool = pool or new_pool(config.block_size)
         self._disk = disk
         self._nursery = nursery
+        threads = threads or ThreadPolicy()
         self._flights = Flights(config.block_size, source, self._pool, self._memory,
-                                self._spill, disk, nursery)
+                                self._spill, disk, nursery, threads.disk_read)
         self._served_memory = 0
         self._served_lower = 0
         self._served_disk = 0

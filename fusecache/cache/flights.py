@@ -55,13 +55,9 @@ class Flights:
     lower fd stays open for it.
     """
 
-    # Disk reads in flight at once; the disk writers are bounded by their own count
-    # and never take the threads a reader waiting on a disk block needs.
-    DISK_READERS = 4
-
     def __init__(self, block_size: int, source: LowerSource, pool: BlockPool,
                  memory: MemoryTier, spill: SpillQueue | None, disk: DiskTier | None,
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery, disk_readers: trio.CapacityLimiter) -> None:
         self._block_size = block_size
         self._source = source
         self._pool = pool
@@ -69,7 +65,7 @@ class Flights:
         self._spill = spill
         self._disk = disk
         self._nursery = nursery
-        self._disk_readers = trio.CapacityLimiter(self.DISK_READERS)
+        self._disk_readers = disk_readers
         self._inflight: dict[BlockKey, Flight] = {}
         self.lower_reads = 0
         self.lower_bytes = 0

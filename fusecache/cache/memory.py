@@ -14,17 +14,16 @@ PAGE = 4096
 class MemoryTier:
     """Blocks in memory, bounded by bytes, and a per-block mask of pages served to the kernel.
 
-    An eighth of the budget holds blocks the scan rule turns away (a file bigger
-    than the cache) until their reader comes: `passing`. The LRU gets the rest, so
-    a second pass over a file 1.5x the budget still hits 58%. Both stay within
-    *budget*: in a container, more is an OOM kill. *on_evict(key, block)* is
-    called for every block that leaves other than by `discard`.
+    *lru* bytes of the LRU, and *passing* bytes for blocks the scan rule turns
+    away (a file bigger than the cache) until their reader comes (see
+    CacheConfig.passing_bytes). *on_evict(key, block)* is called for every block
+    that leaves other than by `discard`.
     """
 
-    def __init__(self, budget: int, passing: int,
+    def __init__(self, lru: int, passing: int,
                  on_evict: Callable[[BlockKey, Block], None]) -> None:
         self._on_evict = on_evict
-        self._lru: ScanResistantLRU[Block] = ScanResistantLRU(budget - passing, self._evicted,
+        self._lru: ScanResistantLRU[Block] = ScanResistantLRU(lru, self._evicted,
                                                               passing=passing)
         # Per block in memory: a bit mask of the pages a reader that keeps them (the
         # kernel page cache) has been served. See `serve`.

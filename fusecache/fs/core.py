@@ -471,8 +471,8 @@ class FilesystemCore:
         fh = next(self._next_fh)
         # Read-ahead reaches only as far as the cache can hold blocks for a reader
         # that has not come yet, even when the file is bigger than the cache.
-        stream = SequentialStream(self.readahead, self.cache.readahead_reach,
-                                  unit=self.cache.fetch_blocks * self.cache.block_size)
+        stream = SequentialStream(self.readahead, self.cache.config.readahead_reach,
+                                  unit=self.cache.config.fetch_bytes)
         self._handles[fh] = Handle(ino, lower, stream, kernel_keeps=not flags & os.O_DIRECT)
         return fh, not changed
 
@@ -593,7 +593,7 @@ class FilesystemCore:
         its own head (or other files) before the next pass reads it. A fed block
         leaves memory for the disk tier as it lands, so then the disk tier bounds it.
         """
-        if f.size <= self.cache.capacity // 2:
+        if f.size <= self.cache.config.whole_file_in_memory:
             return True
         disk = self.cache.disk
         return (feed and self._store is not None and disk is not None
