@@ -22,7 +22,8 @@ from .workload import sha256_file
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fusecache.bench.cachecheck",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=400)
     size = parser.parse_args().size_mib << 20
     with contextlib.ExitStack() as stack:

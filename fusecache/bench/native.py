@@ -70,7 +70,8 @@ def run_implementation(lower: Path, name: str, want: str, size: int
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fusecache.bench.native",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lower", type=Path, help="directory for the file (default: tmpfs)")
