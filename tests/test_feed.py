@@ -101,15 +101,15 @@ async def test_nothing_is_fed_once_the_file_changed(tmp_path: Path) -> None:
     async with make_core(tmp_path, 64 * MiB, store=kernel.store) as core:
         write_ramp(tmp_path / "src" / "m", SIZE)
         ino = (await core.lookup(1, b"m")).ino
-        f, _ = await core._open_lower(ino)
-        feed = core._feeder(ino, f)
+        pin, _ = await core.opener.open(ino, b"m")
+        feed = core.pagecache.feeder(ino, pin.file)
         assert feed is not None
         assert await feed(0, ramp(0, MiB))
         os.utime(tmp_path / "src" / "m", ns=(1, 1))
         await core.lookup(1, b"m")  # the kernel asks again and sees the new version
         assert not await feed(1, ramp(MiB, MiB)), "the old version's bytes must not go in"
         assert list(kernel.stored) == [(ino, 0)]
-        f.unpin()
+        pin.release()
 
 
 @pytest.mark.core
@@ -127,11 +127,11 @@ async def test_no_page_cache_call_once_the_session_is_closing(tmp_path: Path) ->
     kernel = PageCache()
     invalidated = []
     async with make_core(tmp_path, 64 * MiB, store=kernel.store) as core:
-        core._invalidate = invalidated.append
+        core.pagecache._invalidate = invalidated.append
         write_ramp(tmp_path / "src" / "m", SIZE)
         ino = (await core.lookup(1, b"m")).ino
-        f, _ = await core._open_lower(ino)
-        feed = core._feeder(ino, f)
+        pin, _ = await core.opener.open(ino, b"m")
+        feed = core.pagecache.feeder(ino, pin.file)
         assert feed is not None
         await core.end_page_cache_calls(5.0)
         assert not await feed(0, ramp(0, MiB))
@@ -139,7 +139,7 @@ async def test_no_page_cache_call_once_the_session_is_closing(tmp_path: Path) ->
         await core.lookup(1, b"m")  # a change noticed: would invalidate
         await trio.sleep(0.2)
         assert kernel.calls == 0 and invalidated == []
-        f.unpin()
+        pin.release()
 
 
 # --- through the kernel ---

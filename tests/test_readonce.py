@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from fusecache.config import MiB, ReadaheadConfig
 from fusecache.errors import FsError
-from fusecache.fs.core import SHA256_XATTR, FilesystemCore
+from fusecache.fs.core import FilesystemCore
+from fusecache.fs.readonce import SHA256_XATTR
 from tests.conftest import Mount, force_unmount, fusecache_cmd, make_core, needs_fuse
 from tests.ramp import ramp, write_ramp
 from tests.test_core import open_file, src_of
@@ -127,7 +128,7 @@ async def test_sha256_of_a_file_the_lower_mount_fails_to_read_is_eio(
 
 @pytest.mark.core
 async def test_with_sha256_on_the_fill_hashes_as_it_streams(core: FilesystemCore) -> None:
-    core.readahead = ReadaheadConfig(sha256=True)  # `fusecache mount --sha256`
+    core.readonce.config = ReadaheadConfig(sha256=True)  # `fusecache mount --sha256`
     write_ramp(src_of(core) + "/m", SIZE)
     fh = await open_file(core, b"m")
     for off in range(0, 17 * MiB, MiB):

@@ -16,7 +16,8 @@ import trio
 from fusecache.cache.disk import FORMAT, DiskTier
 from fusecache.cachedir import SUBDIR
 from fusecache.config import MiB
-from fusecache.fs.core import SHA256_XATTR, FilesystemCore
+from fusecache.fs.core import FilesystemCore
+from fusecache.fs.readonce import SHA256_XATTR
 from tests.conftest import make_core, needs_fuse
 from tests.ramp import ramp, write_ramp
 from tests.test_core import open_file, read_all

@@ -1,0 +1,100 @@
+"""One version of a lower file: its fd, opened again on demand, and the pins that keep it open."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable
+from types import TracebackType
+
+import trio
+
+from fusecache.errors import LowerError
+from fusecache.source import Identity, LowerSource
+
+
+class LowerFile:
+    """One version of a lower file, shared by every handle on it.
+
+    Its fd stays open while a handle or a fetch holds a pin, and is closed (in a
+    worker thread, as the lower mount may block on close) after the last. A
+    version served from what was last known, while the lower mount is slow or
+    gone, has no fd until a fetch needs one: `lower_fd` opens the file again and
+    refuses a file that is no longer this version.
+
+    The filesystem holds its pins as `Pin` objects; the block cache, which takes
+    any `CachedFile`, calls `pin`/`unpin` itself.
+    """
+
+    def __init__(self, ident: Identity, source: LowerSource, nursery: trio.Nursery):
+        self.fd: int | None = None
+        self.ident = ident
+        self.key: Hashable = ident.key()
+        self.size = ident.size
+        self.display = os.fsdecode(ident.path)
+        self._pins = 0
+        self._source = source
+        self._nursery = nursery
+        self._opening = trio.Lock()
+
+    def pin(self) -> None:
+        self._pins += 1
+
+    def unpin(self) -> None:
+        self._pins -= 1
+        assert self._pins >= 0, "unpin without a pin"
+        if self._pins == 0 and self.fd is not None:
+            fd, self.fd = self.fd, None
+            self._nursery.start_soon(self._source.close, fd)
+
+    def attach(self, fd: int) -> None:
+        """Take *fd*, open on this version, unless it has one or nobody holds a pin."""
+        if self.fd is None and self._pins > 0:
+            self.fd = fd
+        else:
+            self._nursery.start_soon(self._source.close, fd)
+
+    async def lower_fd(self) -> int:
+        """An fd open on this version, for a caller holding a pin; opens one if need be."""
+        async with self._opening:
+            if self.fd is None:
+                fd, ident = await self._source.open(self.ident.path)
+                if ident.key() != self.key:
+                    self._nursery.start_soon(self._source.close, fd)
+                    raise LowerError(f"{self.display} changed on the lower mount since it "
+                                     "was opened")
+                self.attach(fd)
+        assert self.fd is not None, "lower_fd without a pin"
+        return self.fd
+
+
+class Pin:
+    """One pin on a LowerFile, taken when this is made; whoever holds this object releases it.
+
+    `with pin as f:` releases it when the block ends; `give()` hands it to a
+    callee that unpins the file itself when it is done (`BlockCache.fill`).
+    """
+
+    __slots__ = ("file", "_held")
+
+    def __init__(self, file: LowerFile) -> None:
+        file.pin()
+        self.file = file
+        self._held = True
+
+    def release(self) -> None:
+        assert self._held, "a pin released twice, or after it was given away"
+        self._held = False
+        self.file.unpin()
+
+    def give(self) -> LowerFile:
+        """The file, whose pin the caller hands to a callee that unpins it; held no more here."""
+        assert self._held, "a pin given away twice, or after it was released"
+        self._held = False
+        return self.file
+
+    def __enter__(self) -> LowerFile:
+        return self.file
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()

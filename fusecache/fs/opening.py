@@ -1,0 +1,115 @@
+"""Opening the current version of a file, served from the version opened last when late."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable, Hashable, Sequence
+from functools import partial
+
+import trio
+
+from fusecache.fs.answers import Asking, KnownAnswers, log_no_answer, unavailable
+from fusecache.fs.lowerfile import LowerFile, Pin
+from fusecache.fs.pagecache import PageCache
+from fusecache.fs.versions import Versions
+from fusecache.source import Identity, LowerSource, Version
+
+log = logging.getLogger(__name__)
+
+
+class Opener:
+    """Opens the current version of each file, and notes each version the lower mount shows.
+
+    When the lower mount has no answer in time (see KnownAnswers), the version
+    opened last is served, unless a stat has shown a newer one since. A file
+    found changed has its old version dropped: the kernel's pages through
+    *pagecache*, and through each of *forget* (called with the old version's
+    key) what else is kept by version: the cache's blocks, read-once state.
+    """
+
+    def __init__(
+        self,
+        source: LowerSource,
+        nursery: trio.Nursery,
+        answers: KnownAnswers,
+        pagecache: PageCache,
+        versions: Versions,
+        forget: Sequence[Callable[[Hashable], None]],
+    ) -> None:
+        self._source = source
+        self._nursery = nursery
+        self._answers = answers
+        self._pagecache = pagecache
+        self._versions = versions
+        self._forget = tuple(forget)
+
+    def note_version(self, ino: int, path: bytes, version: Version) -> None:
+        """Record the lower file's version; on a change drop the kernel's pages of it.
+
+        Our own blocks are keyed by identity, so a changed file never matches
+        them; open() deletes the old version's blocks.
+        """
+        old = self._versions.show(ino, version)
+        if old is None or old == version:
+            return
+        log.info("%s changed on the lower mount; dropping cached data", os.fsdecode(path))
+        self._pagecache.invalidate_soon(ino)
+
+    async def open(self, ino: int, path: bytes) -> tuple[Pin, bool]:
+        """The file *ino* (at *path*) as the lower mount has it now, and a pin on it for the caller.
+
+        Also says whether it changed since it was last opened; the old
+        version's blocks, interest and digest are dropped then.
+        """
+        known = self._versions.opened(ino)
+        if known is None or self._versions.shown(ino) != known.ident.version:
+            fd, ident = await self._source.open(path)
+            return await self._adopt(ino, fd, ident)
+        asking = self._answers.asking(("open", ino), partial(self._reopen, ino, path))
+        if await self._answers.wait_fresh(asking):  # a pin was reserved for us, if it went well
+            if asking.error is None:
+                pins, changed = asking.result
+                return pins.pop(), changed
+            if not unavailable(asking.error):
+                err = asking.error
+                raise OSError(getattr(err, "errno", errno.EIO), str(err))
+        self._answers.served_stale()
+        return Pin(known), False
+
+    async def _reopen(self, ino: int, path: bytes, asking: Asking) -> None:
+        """Open the lower file for open()'s askers: one pin for each still waiting."""
+        try:
+            fd, ident = await self._source.open(path)
+            pin, changed = await self._adopt(ino, fd, ident)
+            with pin as lower:
+                asking.result = ([Pin(lower) for _ in range(asking.waiters)], changed)
+        except Exception as exc:  # a background task: nothing may escape into the nursery
+            asking.error = exc
+            log_no_answer(f"{os.fsdecode(path)}: no fresh open", exc)
+
+    async def _adopt(self, ino: int, fd: int, ident: Identity) -> tuple[Pin, bool]:
+        """Make *ident*, just opened as *fd*, the current version of *ino*; return a pin on it.
+
+        Compared with the version last opened, whose pages the kernel may hold
+        and whose blocks we hold; this also catches a change of etag alone.
+        """
+        self.note_version(ino, ident.path, ident.version)
+        current = self._versions.opened(ino)
+        changed = current is not None and current.key != ident.key()
+        if changed:
+            assert current is not None
+            for forget in self._forget:
+                forget(current.key)
+        if current is not None and not changed:
+            lower = current
+        else:
+            lower = LowerFile(ident, self._source, self._nursery)
+            # From here on, no store of an older version starts.
+            self._versions.set_opened(ino, lower)
+        pin = Pin(lower)
+        lower.attach(fd)
+        if changed:  # and none is still under way when the kernel, told, drops its pages
+            await self._pagecache.wait_stores()
+        return pin, changed
