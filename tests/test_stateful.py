@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -65,7 +66,7 @@ from tests.conftest import force_unmount, fusecache_cmd, needs_fuse
 from tests.faultfs import FaultFSController, is_mounted
 from tests.ramp import ramp, write_ramp
 
-pytestmark = needs_fuse
+pytestmark = [needs_fuse, pytest.mark.mount]
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20

@@ -284,6 +284,13 @@ class FilesystemCore:
         if ahead is not None:
             self.cache.prefetch(handle.file, *ahead)
         f = handle.file
+        if handle.kernel_keeps and self.versions.shown(handle.ino) != f.ident.version:
+            # The file changed on the lower mount since this handle opened it. Our
+            # answer would be the old version's, and the kernel keeps it in the
+            # inode's page cache, which newer handles read too; past the old end it
+            # would fill the rest with zeros. So the reader gets EIO and opens again.
+            raise FsError(errno.EIO, f"{f.display} changed on the lower mount since this "
+                          "handle opened it")
         # An O_DIRECT reader would not look in the page cache for what is fed.
         self.readonce.on_read(handle.ino, f, offset, size, feed=handle.kernel_keeps)
         return await self.cache.read(f, offset, size, kept=handle.kernel_keeps)
