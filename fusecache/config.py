@@ -176,7 +176,7 @@ class ReadaheadConfig:
     # The window doubles per sequential read up to this; at the stand-in's few
     # hundred MB/s, 128 MiB keeps the lower mount busy for about half a second.
     # It is also held within what the memory cache can hold for readers on their
-    # way (BlockCache.readahead_reach).
+    # way (CacheConfig.readahead_reach).
     max_window: int = 128 * MiB
     # The kernel's own read-ahead (4 MiB) sends several requests at once, and they
     # arrive out of order; a jump within this distance is still the same stream.
