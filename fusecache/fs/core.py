@@ -7,7 +7,6 @@ cache it is given.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -27,6 +26,7 @@ from fusecache.fs.lowerfile import LowerFile, Pin
 from fusecache.fs.opening import Opener
 from fusecache.fs.pagecache import PageCache
 from fusecache.fs.readonce import SHA256_XATTR, ReadOnce
+from fusecache.fs.stats import daemon_counters
 from fusecache.fs.versions import Versions
 from fusecache.readahead import SequentialStream
 from fusecache.source import LowerSource, version_of
@@ -202,26 +202,7 @@ class FilesystemCore:
 
     def statistics(self) -> dict[str, int]:
         """Every counter of the daemon, flat, for stats output."""
-        src = self.source.statistics()
-        return {"read_requests": self.read_requests,
-                **dataclasses.asdict(self.cache.statistics()),
-                "source_healthy": int(src.healthy),
-                "source_timeouts": src.timeouts,
-                "source_failed_fast": src.failed_fast,
-                "abandoned_threads": src.abandoned_threads,
-                "stale_answers": self.answers.stale_answers,
-                "rss_bytes": _rss_bytes(),
-                **self._disk_statistics()}
-
-    def _disk_statistics(self) -> dict[str, int]:
-        disk = self.cache.disk
-        if disk is None:
-            return {}
-        d = disk.statistics()
-        return {"disk_write_errors": d.write_errors,
-                "disk_writes_refused_full": d.writes_refused_full,
-                "disk_full_episodes": d.full_episodes,
-                "disk_full_now": int(d.full_now)}
+        return daemon_counters(self.read_requests, self.source, self.cache, self.answers)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT_INODE and name == STATS_XATTR:
@@ -306,10 +287,3 @@ class FilesystemCore:
         except KeyError:
             raise FsError(errno.EBADF) from None
 
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0

@@ -1,0 +1,44 @@
+"""The daemon's counters, flat, for the stats xattr (`getfattr -n user.fusecache.stats MNT`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from fusecache.cache.blocks import BlockCache
+from fusecache.fs.answers import KnownAnswers
+from fusecache.source import LowerSource
+
+
+def daemon_counters(read_requests: int, source: LowerSource, cache: BlockCache,
+                    answers: KnownAnswers) -> dict[str, int]:
+    """Every counter of the daemon, flat, for stats output."""
+    src = source.statistics()
+    return {"read_requests": read_requests,
+            **dataclasses.asdict(cache.statistics()),
+            "source_healthy": int(src.healthy),
+            "source_timeouts": src.timeouts,
+            "source_failed_fast": src.failed_fast,
+            "abandoned_threads": src.abandoned_threads,
+            "stale_answers": answers.stale_answers,
+            "rss_bytes": _rss_bytes(),
+            **_disk_counters(cache)}
+
+
+def _disk_counters(cache: BlockCache) -> dict[str, int]:
+    disk = cache.disk
+    if disk is None:
+        return {}
+    d = disk.statistics()
+    return {"disk_write_errors": d.write_errors,
+            "disk_writes_refused_full": d.writes_refused_full,
+            "disk_full_episodes": d.full_episodes,
+            "disk_full_now": int(d.full_now)}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
