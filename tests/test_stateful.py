@@ -323,7 +323,9 @@ class World:
             # cache is the inode's, not the handle's, so pages a newer handle brought in
             # answer this one too, and a page the daemon refuses (EIO: not the version
             # opened) ends the read short. Each read is still one version's bytes.
-            for i in range(h.lo, (h.hi if h.direct else f.current) + 1):
+            # An fd on a file that grew reads the new bytes past the old end, as on any
+            # file system: a newer version, whole or cut short, is still one version.
+            for i in range(h.lo, f.current + 1):
                 if data == f.versions[i].bytes_at(offset, size)[:len(data)]:
                     if i > h.hi:
                         self.counts["old_handle_read_newer_version"] += 1

@@ -265,7 +265,7 @@ class FilesystemCore:
         if ahead is not None:
             self.cache.prefetch(handle.file, *ahead)
         f = handle.file
-        if handle.kernel_keeps and self.versions.shown(handle.ino) != f.ident.version:
+        if self.versions.shown(handle.ino) != f.ident.version:
             # The file changed on the lower mount since this handle opened it. Our
             # answer would be the old version's, and the kernel keeps it in the
             # inode's page cache, which newer handles read too; past the old end it
