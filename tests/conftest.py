@@ -94,6 +94,20 @@ def force_unmount(path: Path) -> None:
         subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True, check=False)
 
 
+def abort_fuse_connections(under: Path) -> None:
+    """Abort every FUSE connection mounted under *under*: its requests fail at once."""
+    prefix = os.fsencode(under.resolve()) + b"/"
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if fields[4].startswith(prefix) and b"fuse" in line.split(b" - ")[1]:
+                minor = fields[2].split(b":")[1].decode()
+                try:
+                    Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+                except OSError:
+                    pass
+
+
 def _stale(path: Path) -> bool:
     try:
         os.stat(path)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from fusecache.daemon import pidfile_for
-from tests.conftest import Mount, needs_fuse
+from tests.conftest import Mount, abort_fuse_connections, needs_fuse
 from tests.faultfs import FaultFSController, is_mounted
 from tests.ramp import ramp, write_ramp
 
@@ -224,7 +224,7 @@ class Children:
             proc.kill()
         faultfs.clear()
         if not _reaped(self.procs, 15):
-            _abort_fuse_connections(tmp_path)
+            abort_fuse_connections(tmp_path)
             _reaped(self.procs, 10)
         for proc in self.procs:
             if proc.stdout is not None:
@@ -250,20 +250,6 @@ def _reaped(procs: list[subprocess.Popen[bytes]], timeout: float) -> bool:
         except subprocess.TimeoutExpired:
             return False
     return True
-
-
-def _abort_fuse_connections(under: Path) -> None:
-    """Abort the FUSE connection of every mount under *under*: its requests fail at once."""
-    prefix = os.fsencode(under.resolve()) + b"/"
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if fields[4].startswith(prefix) and b"fuse" in line.split(b" - ")[1]:
-                minor = fields[2].split(b":")[1].decode()
-                try:
-                    Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
-                except OSError:
-                    pass
 
 
 # --- faultfs alone ----------------------------------------------------------------------

@@ -62,7 +62,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.conftest import force_unmount, fusecache_cmd, needs_fuse
+from tests.conftest import abort_fuse_connections, force_unmount, fusecache_cmd, needs_fuse
 from tests.faultfs import FaultFSController, is_mounted
 from tests.ramp import ramp, write_ramp
 
@@ -457,20 +457,6 @@ class World:
         if is_mounted(self.mnt):
             fusecache_cmd("umount", str(self.mnt))
         force_unmount(self.mnt)
-
-
-def abort_fuse_connections(under: Path) -> None:
-    """Abort every FUSE connection mounted under *under*: its requests fail at once."""
-    prefix = os.fsencode(under.resolve()) + b"/"
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if fields[4].startswith(prefix) and b"fuse" in line.split(b" - ")[1]:
-                minor = fields[2].split(b":")[1].decode()
-                try:
-                    Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
-                except OSError:
-                    pass
 
 
 def step(fn: Callable[..., T]) -> Callable[..., T]:
