@@ -315,4 +315,3 @@ def _getxattr(path: bytes, name: bytes) -> bytes:
 
 def _listxattr(path: bytes) -> list[bytes]:
     return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)]
-

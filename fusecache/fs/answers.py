@@ -84,8 +84,7 @@ class KnownAnswers:
             try:
                 result = await ask()
             except OSError as exc:
-                if not unavailable(exc):
-                    self._known[key] = _Refusal(exc.errno or errno.EIO, exc.strerror or "")
+                self._keep_refusal(key, exc)
                 raise
             self._known[key] = result
             return result
@@ -104,10 +103,15 @@ class KnownAnswers:
             self._known[key] = await ask()
         except Exception as exc:  # a background task: nothing may escape into the nursery
             asking.error = exc
-            if isinstance(exc, OSError) and not unavailable(exc):
-                self._known[key] = _Refusal(exc.errno or errno.EIO, exc.strerror or "")
-            else:
+            if not (isinstance(exc, OSError) and self._keep_refusal(key, exc)):
                 log_no_answer(f"no fresh answer to {key!r}", exc)
+
+    def _keep_refusal(self, key: Hashable, exc: OSError) -> bool:
+        """Keep *exc* as the known answer if it is one (ENOENT...), not a failure to answer."""
+        if unavailable(exc):
+            return False
+        self._known[key] = _Refusal(exc.errno or errno.EIO, exc.strerror or "")
+        return True
 
     def asking(self, key: Hashable, work: Callable[[Asking], Awaitable[None]]) -> Asking:
         """The question *key* under way; unless one is, *work* asks it in the background.

@@ -224,12 +224,11 @@ class FilesystemCore:
     async def _known_sha256(self, ino: int) -> str | None:
         """The file's sha256 if it was computed for the version the lower mount has now."""
         lower = self.versions.opened(ino)
-        if lower is None or self.readonce.digest(lower.key) is None:
+        digest = None if lower is None else self.readonce.digest(lower.key)
+        if lower is None or digest is None:
             return None
         st = await self._stat(self.path_of(ino))
-        if version_of(st) != lower.ident.version:
-            return None
-        return self.readonce.digest(lower.key)
+        return digest if version_of(st) == lower.ident.version else None
 
     async def _sha256_of(self, ino: int) -> str:
         """The sha256 of the file as the lower mount has it now, hashing it if nobody has."""
@@ -261,9 +260,6 @@ class FilesystemCore:
     async def read(self, fh: int, offset: int, size: int) -> Block:
         handle = self._handle(fh)
         self.read_requests += 1
-        ahead = handle.stream.on_read(offset, size)
-        if ahead is not None:
-            self.cache.prefetch(handle.file, *ahead)
         f = handle.file
         if self.versions.shown(handle.ino) != f.ident.version:
             # The file changed on the lower mount since this handle opened it. Our
@@ -272,6 +268,9 @@ class FilesystemCore:
             # would fill the rest with zeros. So the reader gets EIO and opens again.
             raise FsError(errno.EIO, f"{f.display} changed on the lower mount since this "
                           "handle opened it")
+        ahead = handle.stream.on_read(offset, size)
+        if ahead is not None:
+            self.cache.prefetch(f, *ahead)
         # An O_DIRECT reader would not look in the page cache for what is fed.
         self.readonce.on_read(handle.ino, f, offset, size, feed=handle.kernel_keeps)
         return await self.cache.read(f, offset, size, kept=handle.kernel_keeps)
