@@ -63,8 +63,11 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         cache = BlockCache(config.cache, source, nursery, disk, threads=threads)
         # notify_store takes any buffer (it gets a Py_buffer), whatever its stub says.
         store = cast(Callable[[int, int, Block], None], pyfuse3.notify_store)
+        # --parallel bounds both the read-ahead threads (ThreadPolicy) and the
+        # fetches a whole-file fill keeps registered (ReadOnce).
         core = FilesystemCore(source, cache, nursery, readahead=config.readahead,
-                              invalidate=pyfuse3.invalidate_inode, store=store)
+                              invalidate=pyfuse3.invalidate_inode, store=store,
+                              parallel=config.lower.readahead_threads)
         ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
         options = set(pyfuse3.default_options)
         options |= {"ro", "subtype=fusecache", f"fsname={config.source}"}

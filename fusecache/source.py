@@ -118,11 +118,6 @@ class LowerSource:
         self._serial = count()
 
     @property
-    def readahead_parallel(self) -> int:
-        """How many read-ahead reads of the lower mount may run at once."""
-        return int(self._readahead.total_tokens)
-
-    @property
     def healthy(self) -> bool:
         return self._healthy
 

@@ -19,7 +19,7 @@ import trio
 
 from fusecache.blockio import Block
 from fusecache.cache.blocks import BlockCache
-from fusecache.config import ReadaheadConfig
+from fusecache.config import ReadaheadConfig, SourceConfig
 from fusecache.errors import FsError
 from fusecache.fs.answers import KnownAnswers
 from fusecache.fs.lowerfile import LowerFile, Pin
@@ -91,6 +91,7 @@ class FilesystemCore:
         invalidate: Callable[[int], None] = lambda ino: None,
         readahead: ReadaheadConfig | None = None,
         store: Callable[[int, int, Block], None] | None = None,
+        parallel: int = SourceConfig.readahead_threads,
     ) -> None:
         self.readahead = readahead or ReadaheadConfig()
         self.source = source
@@ -100,7 +101,7 @@ class FilesystemCore:
         self.pagecache = PageCache(nursery, cache.block_size, invalidate,
                                    store if self.readahead.feed_page_cache else None,
                                    self.versions.is_current)
-        self.readonce = ReadOnce(self.readahead, cache, source.readahead_parallel, nursery,
+        self.readonce = ReadOnce(self.readahead, cache, parallel, nursery,
                                  self.pagecache, cache.disk)
         self.opener = Opener(source, nursery, self.answers, self.pagecache, self.versions,
                              forget=(cache.forget_file, self.readonce.forget))
