@@ -86,6 +86,10 @@ def _usable(cache_dir: Path) -> bool:
                                 "directory")
         raise CacheDirError(f"cache dir {cache_dir} is not empty and is not fusecache's (no "
                             f"tagged {SUBDIR}/ in it); use an empty or new directory")
+    if ours and os.lstat(cache_dir / SUBDIR).st_uid != os.geteuid():
+        # Its owner could put blocks there that this mount would serve.
+        raise CacheDirError(f"cache dir {cache_dir} holds another user's fusecache cache; "
+                            "use a directory of your own")
     if not _writable(cache_dir / SUBDIR if ours else cache_dir):
         raise CacheDirError(f"cache dir {cache_dir} is read-only")
     return ours

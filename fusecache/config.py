@@ -47,11 +47,20 @@ def memory_limit() -> int:
 
 
 def default_cache_dir() -> Path:
-    """Where the disk tier lives unless --cache-dir says otherwise."""
+    """Where the disk tier lives unless --cache-dir says otherwise.
+
+    A user's cache home, or /var/tmp/fusecache-UID for a user without a
+    writable home (nobody's is /nonexistent): /var/tmp outlives reboots, like a cache.
+    """
     if os.geteuid() == 0:
         return Path("/var/cache/fusecache")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "fusecache"
+    path = Path(base) / "fusecache"
+    if path.is_absolute():
+        ancestor = next(p for p in (path, *path.parents) if os.path.lexists(p))
+        if os.access(ancestor, os.W_OK | os.X_OK):
+            return path
+    return Path("/var/tmp") / f"fusecache-{os.getuid()}"
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,10 @@ import os
 import re
 import select
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,11 +38,51 @@ UNMOUNT_DEADLINE = 5.0
 
 
 def runtime_dir() -> Path:
-    """Where pid files and daemon logs go: /run/fusecache as root, else per user."""
+    """Where pid files and daemon logs go: /run/fusecache as root, else the user's own.
+
+    A user's is $XDG_RUNTIME_DIR/fusecache when that is a directory of theirs
+    (a variable inherited across a user switch names someone else's), else
+    /tmp/fusecache-UID.
+    """
     if os.geteuid() == 0:
         return Path("/run/fusecache")
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/fusecache-{os.getuid()}"
-    return Path(base) / "fusecache" if "XDG_RUNTIME_DIR" in os.environ else Path(base)
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and _owned_dir(Path(xdg)) and os.access(xdg, os.W_OK | os.X_OK):
+        return Path(xdg) / "fusecache"
+    return Path(tempfile.gettempdir()) / f"fusecache-{os.getuid()}"
+
+
+def _owned_dir(path: Path) -> bool:
+    """Whether *path* is a directory (not a link) of this user that nobody else may write."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def runtime_dir_problem() -> str | None:
+    """Why the runtime dir cannot hold our pid file and log, if it cannot; changes nothing.
+
+    In /tmp, anyone could have made it first to read or swap our files.
+    """
+    path = runtime_dir()
+    if os.path.lexists(path) and not _owned_dir(path):
+        return (f"runtime dir {path} is not a private directory of this user (uid "
+                f"{os.geteuid()}); remove it, or set XDG_RUNTIME_DIR to a directory of yours")
+    ancestor = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"runtime dir {path} cannot be made: {ancestor} is not writable"
+    return None
+
+
+def make_runtime_dir() -> Path:
+    """The runtime dir, made private to this user if missing (see runtime_dir_problem)."""
+    path = runtime_dir()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _owned_dir(path):
+        raise MountError(runtime_dir_problem() or f"runtime dir {path} is not private")
+    return path
 
 
 def pidfile_for(mountpoint: Path) -> Path:
@@ -65,6 +107,7 @@ def run_foreground(config: MountConfig) -> int:
 
 def run_daemon(config: MountConfig, log_file: Path, setup_logging: Callable[[], None]) -> int:
     """Fork a daemon that serves the mount; return once it answers, or fail with one line."""
+    make_runtime_dir()  # the pid file's, and the default log's
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -78,7 +121,6 @@ def run_daemon(config: MountConfig, log_file: Path, setup_logging: Callable[[], 
 
         pidfile = pidfile_for(config.mountpoint)
         try:
-            pidfile.parent.mkdir(parents=True, exist_ok=True)
             pidfile.write_text(f"{os.getpid()}\n")
             trio.run(serve, config, ready)
         except MountError as exc:
@@ -124,7 +166,6 @@ def _read_answer(fd: int, timeout: float) -> str | None:
 
 def _detach(log_file: Path) -> None:
     os.setsid()
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -196,14 +237,23 @@ def _wait(done: Callable[[], bool], timeout: float) -> bool:
 
 def _mounted(path: Path) -> bool:
     """Whether *path* is a mount point, from the mount table: nothing asks the mount."""
+    return mount_type(path) is not None
+
+
+def mount_type(path: Path) -> str | None:
+    """The type of what is mounted at *path* (fuse.fusecache for ours), from the mount table.
+
+    Nothing asks the mount, so a hung or dead daemon's mount is named too.
+    """
     target = os.fsencode(Path(os.path.realpath(path.parent)) / path.name)
+    found = None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             field = line.split(b" ")[4]
             point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-            if point == target:
-                return True
-    return False
+            if point == target:  # the last one listed is the one on top
+                found = line.split(b" - ", 1)[1].split(b" ")[0].decode(errors="replace")
+    return found
 
 
 def _is_our_daemon(pid: int) -> bool:

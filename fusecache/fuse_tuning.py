@@ -18,8 +18,10 @@ def _write(path: Path, value: int) -> bool:
     try:
         path.write_text(f"{value}\n")
     except OSError as exc:
-        log.info("could not set %s to %d (%s); keeping the kernel's default", path, value,
-                 exc.strerror)
+        # Expected without root: only a debug line then.
+        level = logging.INFO if os.geteuid() == 0 else logging.DEBUG
+        log.log(level, "could not set %s to %d (%s); keeping the kernel's default", path, value,
+                exc.strerror)
         return False
     log.debug("set %s = %d", path, value)
     return True
@@ -28,10 +30,16 @@ def _write(path: Path, value: int) -> bool:
 def tune_connection(dev: int, config: KernelConfig) -> None:
     """Raise read-ahead and background-request limits for the mount on device *dev*.
 
-    Needs root; without it the kernel's defaults stay and we only log.
+    Read-ahead needs root; the background limits need the connection's owner (the
+    mounting user), up to the kernel's max_user_bgreq without root. What cannot be
+    set keeps the kernel's default, with an info line as root and a debug line
+    otherwise.
     """
     bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}")
-    _write(bdi / "read_ahead_kb", config.read_ahead_kb)
+    if os.geteuid() == 0:
+        _write(bdi / "read_ahead_kb", config.read_ahead_kb)
+    else:
+        log.debug("not root: keeping the kernel's read-ahead for the mount")
     conn = FUSECTL / str(os.minor(dev))
     if not conn.exists() and FUSECTL.is_dir() and os.geteuid() == 0:
         subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)],
@@ -41,4 +49,5 @@ def tune_connection(dev: int, config: KernelConfig) -> None:
         _write(conn / "max_background", config.max_background)
         _write(conn / "congestion_threshold", config.congestion_threshold)
     else:
-        log.info("fusectl is not mounted; keeping the kernel's background-request limits")
+        log.log(logging.INFO if os.geteuid() == 0 else logging.DEBUG,
+                "fusectl is not mounted; keeping the kernel's background-request limits")

@@ -57,8 +57,10 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
                             block_size=config.cache.block_size)
         except CacheDirError as exc:  # says which dir, and why
             raise MountError(str(exc)) from None
-        except OSError as exc:
-            raise MountError(f"cannot use cache dir {config.cache.cache_dir}: {exc}") from None
+        except OSError as exc:  # one line: the reason, and the file if it is not the dir
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise MountError(f"cannot use cache dir {config.cache.cache_dir}: "
+                             f"{exc.strerror or exc}{where}") from None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(source.run)
         cache = BlockCache(config.cache, source, nursery, disk, threads=threads,

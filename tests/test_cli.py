@@ -112,8 +112,8 @@ def test_already_mounted_and_stale_mount(dirs, mount_factory, tmp_path: Path) ->
 
 @pytest.mark.unit
 def test_bench_bad_rate(tmp_path: Path) -> None:
-    assert_usage_error(fusecache_cmd("bench", "--rate", "0"), "--rate must be a positive")
-    assert_usage_error(fusecache_cmd("bench", "--rate", "fast"), "invalid int value")
+    assert_usage_error(fusecache_cmd("bench", "--rate", "0"), "--rate: must be at least 1")
+    assert_usage_error(fusecache_cmd("bench", "--rate", "fast"), "must be a whole number")
     assert_usage_error(fusecache_cmd("bench", str(tmp_path), "--rate", "100"),
                        "cannot cap SOURCE_DIR")
 
