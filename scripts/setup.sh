@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs what fusecache needs on a fresh Debian machine: FUSE, s3fs (the OSS
 # stand-in's client), tc (iproute2, the stand-in's bandwidth cap), chattr
-# (e2fsprogs, a read-only cache-dir test), and a venv at .venv with fusecache and
-# its test tools.
+# (e2fsprogs, a read-only cache-dir test), getfattr (attr, to read the
+# user.fusecache.* xattrs), and a venv at .venv with fusecache and its test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config s3fs gcc iproute2 e2fsprogs; do
+for pkg in fuse3 libfuse3-dev pkg-config s3fs gcc iproute2 e2fsprogs attr; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
