@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,16 +83,23 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def find_command(name: str) -> str:
-    """The file COMMAND names, looked up in PATH as a shell would; UsageError if none."""
+    """The file COMMAND names, looked up in PATH as a shell would; UsageError if none.
+
+    By mode bits, not access(): that ignores capabilities a non-root user was
+    given to reach the file (CAP_DAC_READ_SEARCH), which execve honours.
+    """
     if "/" in name:
-        found = name if os.path.isfile(name) else None
+        candidates = [name]
     else:
-        found = shutil.which(name, mode=os.F_OK)
-    if found is None:
-        raise UsageError(f"COMMAND {name} not found")
-    if not os.access(found, os.X_OK):
+        candidates = [os.path.join(d or ".", name)
+                      for d in os.environ.get("PATH", os.defpath).split(os.pathsep)]
+    files = [c for c in candidates if os.path.isfile(c)]
+    for path in files:
+        if os.stat(path).st_mode & 0o111:
+            return path
+    if files:
         raise UsageError(f"COMMAND {name} is not executable")
-    return found
+    raise UsageError(f"COMMAND {name} not found")
 
 
 def warm_paths(paths: list[Path], mountpoint: Path) -> list[Path]:
