@@ -46,7 +46,7 @@ class Entrypoint:
 
     def __init__(self, tmp: Path) -> None:
         self.src, self.mnt = tmp / "src", tmp / "mnt"
-        self.src.mkdir()
+        self.src.mkdir(parents=True)
         self.mnt.mkdir()
         self.env = {**os.environ, "FUSECACHE_CACHE_DIR": str(tmp / "cache"),
                     "FUSECACHE_LOG_FILE": str(tmp / "fusecache.log"),
