@@ -174,3 +174,25 @@ def test_a_user_without_a_home_or_runtime_dir_gets_private_fallbacks(monkeypatch
     # An XDG_RUNTIME_DIR inherited through a switch of user is someone else's (root's here).
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert daemon.runtime_dir() == Path(tempfile.gettempdir()) / f"fusecache-{USER}"
+
+
+@pytest.mark.unit
+def test_allow_other_without_root_needs_user_allow_other(monkeypatch, tmp_path: Path) -> None:
+    from fusecache.cli import build_parser
+    from fusecache.cli import options as mount_options
+    from fusecache.cli.common import UsageError
+
+    for name in ("src", "mnt"):
+        (tmp_path / name).mkdir()
+    args = build_parser().parse_args(["mount", str(tmp_path / "src"), str(tmp_path / "mnt"),
+                                      "--allow-other", "--disk-cache", "0"])
+    monkeypatch.setattr(os, "geteuid", lambda: USER)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "")  # the /tmp fallback, which may not exist yet
+    conf = tmp_path / "fuse.conf"
+    monkeypatch.setattr(mount_options, "FUSE_CONF", conf)
+    conf.write_text("# user_allow_other\nmount_max = 1000\n")
+    with pytest.raises(UsageError, match="needs user_allow_other in"):
+        mount_options.check_mount_options(args)
+    conf.write_text("user_allow_other\n")
+    mount_options.check_mount_options(args)
+    assert build_parser().parse_args(["mount", "s", "m"]).allow_other is None  # root decides
