@@ -7,10 +7,10 @@ import os
 
 from fusecache.cache.blocks import BlockCache
 from fusecache.fs.answers import KnownAnswers
-from fusecache.source import LowerSource
+from fusecache.source_api import Source
 
 
-def daemon_counters(read_requests: int, source: LowerSource, cache: BlockCache,
+def daemon_counters(read_requests: int, source: Source, cache: BlockCache,
                     answers: KnownAnswers) -> dict[str, int]:
     """Every counter of the daemon, flat, for stats output."""
     src = source.statistics()
