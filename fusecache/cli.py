@@ -32,6 +32,9 @@ from fusecache.daemon import (
     runtime_dir,
     unmount,
 )
+from fusecache.objectstore import options as store_options
+from fusecache.objectstore.location import LocationError
+from fusecache.objectstore.mountcheck import StoreRefused, StoreUnreachable, check_store
 
 EXIT_USAGE = 2
 
@@ -102,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "fails with one line and exit code 2 on bad input.",
         formatter_class=_Help,
     )
-    m.add_argument("source", type=Path, help="the directory to cache (e.g. /mnt/oss)")
+    m.add_argument("source", type=store_options.source_argument,
+                   help="the directory to cache (e.g. /mnt/oss), or a bucket to read directly: "
+                   "s3://BUCKET[/PREFIX] or oss://BUCKET[/PREFIX], with credentials from the "
+                   "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY[/AWS_SESSION_TOKEN], "
+                   "or ALIBABA_CLOUD_ACCESS_KEY_ID/ALIBABA_CLOUD_ACCESS_KEY_SECRET"
+                   "[/ALIBABA_CLOUD_SECURITY_TOKEN])")
     m.add_argument("mountpoint", type=Path, help="an empty directory to mount at")
     m.add_argument("-f", "--foreground", action="store_true",
                    help="stay attached and log to stderr instead of starting a daemon")
@@ -155,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{logs.LOG_FILES - 1} older files (FILE.1, ...) (default: "
                    "RUNTIME_DIR/<mountpoint>.log, printed on mount)")
     m.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    store_options.add_arguments(m)
 
     b = sub.add_parser(
         "bench",
@@ -185,11 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_mount_args(source: Path, mountpoint: Path, force: bool) -> None:
-    """Raise UsageError for input that must not be mounted."""
-    if not source.exists():
+def check_mount_args(source: Path | None, mountpoint: Path, force: bool) -> None:
+    """Raise UsageError for input that must not be mounted (*source* None: a bucket)."""
+    if source is not None and not source.exists():
         raise UsageError(f"source {source} does not exist")
-    if not source.is_dir():
+    if source is not None and not source.is_dir():
         raise UsageError(f"source {source} is not a directory")
     if is_stale_mount(mountpoint):
         if not force:
@@ -206,11 +215,12 @@ def check_mount_args(source: Path, mountpoint: Path, force: bool) -> None:
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise UsageError(f"mountpoint {mountpoint} is already a mount point")
-    src, mnt = source.resolve(), mountpoint.resolve()
-    if src == mnt:
-        raise UsageError("source and mountpoint are the same directory")
-    if src in mnt.parents or mnt in src.parents:
-        raise UsageError("source and mountpoint must not be inside one another")
+    if source is not None:
+        src, mnt = source.resolve(), mountpoint.resolve()
+        if src == mnt:
+            raise UsageError("source and mountpoint are the same directory")
+        if src in mnt.parents or mnt in src.parents:
+            raise UsageError("source and mountpoint must not be inside one another")
     if any(os.scandir(mountpoint)):
         raise UsageError(f"mountpoint {mountpoint} is not empty")
 
@@ -224,16 +234,28 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
 
 
 def _mount(args: argparse.Namespace) -> int:
-    check_mount_args(args.source, args.mountpoint, args.force)
+    try:
+        store = store_options.location_of(args)
+    except LocationError as exc:
+        raise UsageError(str(exc)) from None
+    check_mount_args(None if store else args.source, args.mountpoint, args.force)
     if args.disk_cache:
         try:
-            cachedir.check(args.cache_dir, args.source, args.mountpoint)
+            cachedir.check(args.cache_dir, args.mountpoint if store else args.source,
+                           args.mountpoint)
         except cachedir.CacheDirError as exc:
             raise UsageError(str(exc)) from None
     try:
         blockio.selected()  # before forking: a missing C module is the user's one-line error
     except blockio.NativeMissing as exc:
         raise UsageError(str(exc)) from None
+    if store is not None:  # wrong credentials or bucket: one line, nothing mounted
+        try:
+            check_store(store, args.source_timeout)
+        except StoreRefused as exc:
+            raise UsageError(str(exc)) from None
+        except StoreUnreachable as exc:
+            raise MountError(str(exc)) from None
     config = build_config(args)
     if args.foreground:
         _setup_logging(args.verbose)
@@ -248,7 +270,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
     mem = args.mem_cache if args.mem_cache is not None else memory_limit() // 4
     logging.getLogger(__name__).debug("memory cache %s", format_size(mem))
     return MountConfig(
-        source=args.source.resolve(),
+        source=store_options.location_of(args) or args.source.resolve(),
         mountpoint=args.mountpoint.resolve(),
         cache=replace(CacheConfig(), mem_bytes=mem, fetch_size=args.fetch_size,
                       cache_dir=args.cache_dir.resolve(), disk_bytes=args.disk_cache),
@@ -257,7 +279,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
                        congestion_threshold=args.max_background * 3 // 4,
                        attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout),
         lower=replace(SourceConfig(), readahead_threads=args.parallel,
-                      timeout=args.source_timeout),
+                      timeout=args.source_timeout, list_ttl=args.list_ttl),
         readahead=replace(ReadaheadConfig(), sha256=args.sha256,
                           feed_page_cache=args.feed_page_cache),
         allow_other=os.geteuid() == 0 if args.allow_other is None else args.allow_other,
