@@ -161,6 +161,51 @@ def _cap_port(port: int, rate_mbps: int) -> bool:
     return True
 
 
+@dataclass
+class S3Server:
+    """`rclone serve s3` on loopback: the subdirectories of its root are buckets."""
+
+    port: int
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def pause(self) -> None:
+        """SIGSTOP the server: it keeps its port and takes connections, but answers nothing."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+            _wait_stopped(self.process.pid)
+
+    def resume(self) -> None:
+        """SIGCONT the server; harmless when it is not paused."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def running_s3_server(root: Path) -> Iterator[S3Server]:
+    """rclone serving *root*'s subdirectories as buckets on a free port; stopped on exit."""
+    port = _free_port()
+    process = subprocess.Popen(
+        # --etag-hash "": by default rclone reads whole files to MD5 them for
+        # every listing; OSS computes ETags at upload, so a read costs no hashing.
+        [rclone_exe(), "serve", "s3", "--addr", f"127.0.0.1:{port}",
+         "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--vfs-cache-mode", "off",
+         "--dir-cache-time", "1s", "--etag-hash", "", "--log-level", "ERROR",
+         str(root)],
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    server = S3Server(port, process)
+    try:
+        _wait_port(port, process)
+        yield server
+    finally:
+        server.resume()  # a paused server takes its SIGTERM only once continued
+        _stop(process)
+
+
 @contextlib.contextmanager
 def running_standin(
     data_dir: Path | None = None, rate_mbps: int = DEFAULT_RATE_MBPS
@@ -171,18 +216,8 @@ def running_standin(
         root = data_dir or work / "data"
         bucket_dir = root / BUCKET
         bucket_dir.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
-        server = subprocess.Popen(
-            # --etag-hash "": by default rclone reads whole files to MD5 them for
-            # every listing; OSS computes ETags at upload, so a read costs no hashing.
-            [rclone_exe(), "serve", "s3", "--addr", f"127.0.0.1:{port}",
-             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--vfs-cache-mode", "off",
-             "--dir-cache-time", "1s", "--etag-hash", "", "--log-level", "ERROR",
-             str(root)],
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        stack.callback(_stop, server)
-        _wait_port(port, server)
+        s3 = stack.enter_context(running_s3_server(root))
+        server, port = s3.process, s3.port
         capped = _cap_port(port, rate_mbps)
         if capped:
             stack.callback(_tc, "qdisc", "del", "dev", "lo", "root")

@@ -13,6 +13,7 @@ import re
 import select
 import signal
 
+from fusecache.objectstore.listing import list_one
 from fusecache.objectstore.location import LocationError, StoreLocation, open_client
 
 
@@ -58,9 +59,7 @@ def _ask(location: StoreLocation, timeout: float) -> tuple[int, str]:
     import opendal.exceptions as e
 
     try:
-        client = open_client(location, timeout, retries=False)
-        for _ in client.list("/", limit=1):
-            break
+        list_one(open_client(location, timeout, retries=False).to_async_operator())
     except LocationError as exc:
         return 2, str(exc)
     except e.PermissionDenied as exc:

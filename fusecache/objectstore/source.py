@@ -28,6 +28,7 @@ from fusecache.objectstore.listing import (
     Entry,
     Listing,
     Listings,
+    list_one,
     listing_of,
     not_found,
     split,
@@ -70,7 +71,8 @@ class ObjectSource(TimedCalls):
         config = config or SourceConfig()
         super().__init__(config, threads or ThreadPolicy(config), f"the object store {location}")
         self.location = location
-        self._client = client
+        self._client = client  # GETs
+        self._lister = client.to_async_operator()  # LISTs: see listing_of
         self._block_size = block_size
         self.listings = Listings(config.list_ttl)
         self._listing_now: dict[bytes, trio.Event] = {}  # LISTs under way, by directory
@@ -92,7 +94,7 @@ class ObjectSource(TimedCalls):
         done = self._listing_now[directory] = trio.Event()
         try:
             listing = await self._call(self._metadata, self._wait_for_answer, _mapped,
-                                       listing_of, self._client, self.location.key(directory))
+                                       listing_of, self._lister, self.location.key(directory))
             self.listings.put(directory, listing)
             return listing
         finally:
@@ -173,8 +175,7 @@ class ObjectSource(TimedCalls):
         """The health probe: ask the store for one name until it answers, however it answers."""
         while True:
             try:
-                for _ in self._client.list("/", limit=1):
-                    break
+                list_one(self._lister)
                 return
             except Exception as exc:  # noqa: BLE001 - a refusal is an answer; only silence is not
                 if _is_answer(exc):
