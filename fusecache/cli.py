@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where result.json and switching.png go")
     b.add_argument("--mount-option", action="append", default=[], metavar="OPT",
                    help="extra option for the fusecache mount, e.g. --mount-option=--mem-cache=2G")
+    b.add_argument("-v", "--verbose", action="store_true",
+                   help="also print diagnostics: where the daemons' replies came from, reclaim")
 
     u = sub.add_parser("umount", help="unmount and wait for the daemon to exit",
                        description="Unmount a fusecache mount and wait for its daemon to exit.")
@@ -303,7 +305,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.rate is not None and args.source is not None:
         raise UsageError("--rate caps the stand-in; it cannot cap SOURCE_DIR")
     return run_bench(args.source, names, args.scale, args.out, args.mount_option,
-                     rate_mbps=args.rate)
+                     rate_mbps=args.rate, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,11 @@ class Standin:
         finally:
             self.resume_server()
 
+    def direct(self) -> tuple[str, list[str], dict[str, str]]:
+        """fusecache's s3:// source for this stand-in's server: URL, mount options, environment."""
+        return (f"s3://{BUCKET}", ["--endpoint", self.url],
+                {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+
     def bytes_sent(self) -> int | None:
         """Bytes the server has sent since the cap was set up (None without a cap)."""
         if not self.capped:
