@@ -37,6 +37,29 @@ class StandinError(Exception):
 
 
 @dataclass
+class S3Server:
+    """`rclone serve s3` on loopback: the subdirectories of its root are buckets."""
+
+    port: int
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def pause(self) -> None:
+        """SIGSTOP the server: it keeps its port and takes connections, but answers nothing."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+            _wait_stopped(self.process.pid)
+
+    def resume(self) -> None:
+        """SIGCONT the server; harmless when it is not paused."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
+
+@dataclass
 class Standin:
     """A running stand-in: put objects under *bucket_dir*, read them under *mount*."""
 
@@ -45,22 +68,19 @@ class Standin:
     port: int
     capped: bool
     passwd_file: Path  # ACCESS_KEY:SECRET_KEY, for other clients of the same server
-    server: subprocess.Popen[bytes] = field(repr=False)  # rclone serve s3
+    server: S3Server = field(repr=False)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.url
 
     def pause_server(self) -> None:
         """SIGSTOP the server: it keeps its port and takes connections, but answers nothing."""
-        if self.server.poll() is None:
-            self.server.send_signal(signal.SIGSTOP)
-            _wait_stopped(self.server.pid)
+        self.server.pause()
 
     def resume_server(self) -> None:
         """SIGCONT the server; harmless when it is not paused."""
-        if self.server.poll() is None:
-            self.server.send_signal(signal.SIGCONT)
+        self.server.resume()
 
     @contextlib.contextmanager
     def server_paused(self) -> Iterator[None]:
@@ -166,29 +186,6 @@ def _cap_port(port: int, rate_mbps: int) -> bool:
     return True
 
 
-@dataclass
-class S3Server:
-    """`rclone serve s3` on loopback: the subdirectories of its root are buckets."""
-
-    port: int
-    process: subprocess.Popen[bytes] = field(repr=False)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def pause(self) -> None:
-        """SIGSTOP the server: it keeps its port and takes connections, but answers nothing."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGSTOP)
-            _wait_stopped(self.process.pid)
-
-    def resume(self) -> None:
-        """SIGCONT the server; harmless when it is not paused."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-
-
 @contextlib.contextmanager
 def running_s3_server(root: Path) -> Iterator[S3Server]:
     """rclone serving *root*'s subdirectories as buckets on a free port; stopped on exit."""
@@ -221,8 +218,8 @@ def running_standin(
         root = data_dir or work / "data"
         bucket_dir = root / BUCKET
         bucket_dir.mkdir(parents=True, exist_ok=True)
-        s3 = stack.enter_context(running_s3_server(root))
-        server, port = s3.process, s3.port
+        server = stack.enter_context(running_s3_server(root))
+        port = server.port
         capped = _cap_port(port, rate_mbps)
         if capped:
             stack.callback(_tc, "qdisc", "del", "dev", "lo", "root")

@@ -7,7 +7,12 @@ import math
 from pathlib import Path
 
 from fusecache.config import SourceConfig
-from fusecache.objectstore.location import StoreLocation, is_store_url, parse_store_url
+from fusecache.objectstore.location import (
+    LocationError,
+    StoreLocation,
+    is_store_url,
+    parse_store_url,
+)
 
 
 def source_argument(text: str) -> Path | str:
@@ -45,8 +50,6 @@ def location_of(args: argparse.Namespace) -> StoreLocation | None:
     """The bucket to mount, or None for a directory SOURCE; LocationError if it cannot be."""
     if isinstance(args.source, Path):
         if args.endpoint is not None or args.region is not None:
-            from fusecache.objectstore.location import LocationError
-
             raise LocationError("--endpoint and --region are for s3:// and oss:// sources")
         return None
     return parse_store_url(args.source, args.endpoint, args.region)
