@@ -60,12 +60,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield s
 
 
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[tuple[S3Server, Path]]:
-    """A server of the test's own (it is paused, or its objects replaced), and its bucket."""
+@pytest.fixture(params=[""])
+def own_server(tmp_path: Path, request: pytest.FixtureRequest
+               ) -> Iterator[tuple[S3Server, Path]]:
+    """A server of the test's own (it is paused, or its objects replaced), and its bucket.
+
+    Its ETags: none by default (as the stand-in runs), MD5 when the test asks.
+    """
     root = tmp_path / "s3"
     (root / BUCKET).mkdir(parents=True)
-    with running_s3_server(root) as s:
+    with running_s3_server(root, etag_hash=request.param) as s:
         yield s, root / BUCKET
 
 
@@ -137,6 +141,19 @@ def test_hash_then_load_reads_each_byte_once(server: S3Server, mount_factory) ->
     assert m.settled()["lower_bytes"] == SIZE
 
 
+def _read_until(path: Path, want: bytes, what: str) -> None:
+    """Read *path* until it holds *want*: the TTL, the kernel's attributes, the server's 1 s."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if path.read_bytes() == want:
+                return
+        except OSError:  # EIO: the object changed under a read; the next open sees it
+            pass
+        assert time.monotonic() < deadline, f"{what} was never read as new content"
+        time.sleep(0.3)
+
+
 def test_a_replaced_object_is_new_content_after_the_ttl(own_server, mount_factory) -> None:
     server, bucket = own_server
     write_ramp(bucket / "m.bin", 3 * MiB, seed=1)
@@ -147,11 +164,24 @@ def test_a_replaced_object_is_new_content_after_the_ttl(own_server, mount_factor
     tmp = bucket / ".m.bin.new"
     write_ramp(tmp, 2 * MiB + 5, seed=2)
     os.replace(tmp, bucket / "m.bin")  # a new object under the same key
-    deadline = time.monotonic() + 15  # the TTL, the kernel's attributes, the server's own 1 s
-    while path.stat().st_size != 2 * MiB + 5:
-        assert time.monotonic() < deadline, "the replaced object was never seen"
-        time.sleep(0.3)
-    assert path.read_bytes() == ramp(0, 2 * MiB + 5, seed=2)
+    _read_until(path, ramp(0, 2 * MiB + 5, seed=2), "a replaced object")
+
+
+@pytest.mark.parametrize("own_server", ["MD5"], indirect=True)
+def test_an_object_replaced_with_only_a_new_etag_is_new_content(own_server,
+                                                                 mount_factory) -> None:
+    server, bucket = own_server
+    write_ramp(bucket / "m.bin", 3 * MiB, seed=1)
+    when = (bucket / "m.bin").stat().st_mtime_ns
+    m = _mount(mount_factory, server, f"s3://{BUCKET}", "--list-ttl", "1",
+               "--attr-timeout", "1")
+    path = m.mnt / "m.bin"
+    assert path.read_bytes() == ramp(0, 3 * MiB, seed=1)
+    tmp = bucket / ".m.bin.new"
+    write_ramp(tmp, 3 * MiB, seed=3)  # the same size
+    os.utime(tmp, ns=(when, when))  # and the same Last-Modified: only the ETag tells
+    os.replace(tmp, bucket / "m.bin")
+    _read_until(path, ramp(0, 3 * MiB, seed=3), "an object with a new ETag")
 
 
 SOURCE_TIMEOUT = 3

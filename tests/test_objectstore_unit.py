@@ -188,7 +188,7 @@ class FakeClient:
     def read(self, key: str, offset: int, size: int, if_match: str | None = None) -> bytes:
         self.reads.append((key, offset, size, if_match))
         data, etag = self.objects[key]
-        if if_match is not None and if_match != etag:
+        if if_match is not None and if_match != f'"{etag}"':
             raise opendal.exceptions.ConditionNotMatch("ConditionNotMatch at read")
         return data[offset:offset + size]
 
@@ -256,7 +256,7 @@ async def test_reads_are_ranged_gets_with_if_match_cut_into_blocks() -> None:
     blocks = await src.read_blocks(pool, fd, 4096, [4096, 4096, 4096], ident)
     assert [bytes(b) for b in blocks] == [ramp(4096, 4096, seed=3), ramp(8192, 4096, seed=3),
                                          ramp(12288, 100, seed=3)]
-    assert client.reads == [("f", 4096, 2 * 4096 + 100, "e1")]  # clipped at the end, one GET
+    assert client.reads == [("f", 4096, 2 * 4096 + 100, '"e1"')]  # clipped at the end, one GET
     past = await src.read_blocks(pool, fd, 4 * 4096, [4096], ident)
     assert [len(b) for b in past] == [0] and len(client.reads) == 1  # no GET past the end
 

@@ -187,15 +187,19 @@ def _cap_port(port: int, rate_mbps: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_s3_server(root: Path) -> Iterator[S3Server]:
-    """rclone serving *root*'s subdirectories as buckets on a free port; stopped on exit."""
+def running_s3_server(root: Path, etag_hash: str = "") -> Iterator[S3Server]:
+    """rclone serving *root*'s subdirectories as buckets on a free port; stopped on exit.
+
+    *etag_hash* "MD5" gives objects real ETags, at the cost of reading every file
+    the server lists.
+    """
     port = _free_port()
     process = subprocess.Popen(
         # --etag-hash "": by default rclone reads whole files to MD5 them for
         # every listing; OSS computes ETags at upload, so a read costs no hashing.
         [rclone_exe(), "serve", "s3", "--addr", f"127.0.0.1:{port}",
          "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--vfs-cache-mode", "off",
-         "--dir-cache-time", "1s", "--etag-hash", "", "--log-level", "ERROR",
+         "--dir-cache-time", "1s", "--etag-hash", etag_hash, "--log-level", "ERROR",
          str(root)],
         stdin=subprocess.DEVNULL, start_new_session=True,
     )

@@ -67,7 +67,7 @@ class ObjectSource(TimedCalls):
 
     def __init__(self, client: opendal.Operator, location: StoreLocation,
                  config: SourceConfig | None = None, threads: ThreadPolicy | None = None,
-                 block_size: int = 1 << 20) -> None:
+                 block_size: int = 1 << 20) -> None:  # CacheConfig.block_size's default
         config = config or SourceConfig()
         super().__init__(config, threads or ThreadPolicy(config), f"the object store {location}")
         self.location = location
@@ -189,7 +189,8 @@ def _get_blocks(client: opendal.Operator, key: str, pool: BlockPool, offset: int
     want = max(0, min(offset + sum(sizes), size) - offset)
     data = b""
     if want:
-        data = client.read(key, offset=offset, size=want, if_match=etag)
+        data = client.read(key, offset=offset, size=want,
+                           if_match=None if etag is None else f'"{etag}"')
         if len(data) != want:
             raise ObjectChanged(f"{key}: {len(data)} bytes where {want} were asked for: the "
                                 "object changed in the store")
