@@ -13,6 +13,7 @@ import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import opendal.exceptions
 import pytest
@@ -27,7 +28,9 @@ from fusecache.objectstore.location import (
     parse_store_url,
 )
 from fusecache.objectstore.source import ObjectChanged, ObjectSource
+from tests.conftest import fusecache_cmd
 from tests.ramp import ramp
+from tests.test_cli import assert_usage_error
 
 pytestmark = pytest.mark.unit
 
@@ -282,3 +285,26 @@ async def test_client_errors_become_oserrors_or_eio() -> None:
     src = _source(Failing())
     with pytest.raises(LowerError, match="boom"):
         await src.lstat(b"x")
+
+
+# --- the command line ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["s3://models", "--list-ttl", "0"], "must be a positive number of seconds"),
+    (["s3://models", "--endpoint", "127.0.0.1:9000"], "not an http:// or https:// URL"),
+    (["s3://models", "--region", "Us East"], "not a region name"),
+    (["gs://models"], "only s3:// and oss://"),
+])
+def test_bad_store_arguments_are_one_line_and_exit_2(args: list[str], words: str,
+                                                      tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    res = fusecache_cmd("mount", args[0], str(tmp_path / "mnt"), *args[1:])
+    assert_usage_error(res, words)
+
+
+def test_endpoint_with_a_directory_source_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    res = fusecache_cmd("mount", str(tmp_path / "src"), str(tmp_path / "mnt"),
+                        "--endpoint", "http://127.0.0.1:9000")
+    assert_usage_error(res, "--endpoint and --region are for s3:// and oss:// sources")
