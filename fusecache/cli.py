@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser(
         "mount",
         help="mount SOURCE read-only at MOUNTPOINT with caching",
-        description="Mount SOURCE (a directory, usually an object-store mount) read-only at "
+        description="Mount SOURCE (a directory, usually an object-store mount, or a bucket read "
+        "directly: s3://BUCKET[/PREFIX], oss://BUCKET[/PREFIX]) read-only at "
         "MOUNTPOINT. Returns once the mount answers, leaving a daemon in the background; "
         "fails with one line and exit code 2 on bad input.",
         formatter_class=_Help,
