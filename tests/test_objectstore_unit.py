@@ -25,6 +25,7 @@ from fusecache.objectstore.listing import Entry, listing_of, stat_of
 from fusecache.objectstore.location import (
     LocationError,
     client_settings,
+    open_client,
     parse_store_url,
 )
 from fusecache.objectstore.source import ObjectChanged, ObjectSource
@@ -130,6 +131,15 @@ def test_oss_settings_as_function_compute_passes_them() -> None:
 def test_missing_settings_say_which(url: str, env: dict[str, str], words: str) -> None:
     with pytest.raises(LocationError, match=words):
         client_settings(parse_store_url(url), env)
+
+
+@pytest.mark.parametrize(("url", "env"), [("s3://bucket/models", S3_ENV),
+                                          ("oss://bucket/models", OSS_ENV)])
+def test_the_client_takes_our_settings_and_shows_no_secret(url: str, env: dict[str, str]
+                                                            ) -> None:
+    loc = parse_store_url(url, endpoint="https://oss-cn-hangzhou-internal.aliyuncs.com")
+    client = open_client(loc, timeout=5, environ=env)  # no request is made
+    assert "s3cr3t" not in repr(client) and "sts-token" not in repr(client)
 
 
 def test_no_secret_in_what_a_location_shows() -> None:
