@@ -16,6 +16,7 @@ import trio
 from fusecache import fuse_tuning
 from fusecache.blockio import Block
 from fusecache.cache.blocks import BlockCache
+from fusecache.cache.budget import MemoryBudget
 from fusecache.cache.disk import DiskTier
 from fusecache.cachedir import CacheDirError
 from fusecache.config import MountConfig
@@ -64,7 +65,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
             raise MountError(f"cannot use cache dir {config.cache.cache_dir}: {exc}") from None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(source.run)
-        cache = BlockCache(config.cache, source, nursery, disk, threads=threads)
+        cache = BlockCache(config.cache, source, nursery, disk, threads=threads,
+                           budget=MemoryBudget(config.memory_shares))
         # notify_store takes any buffer (it gets a Py_buffer), whatever its stub says.
         store = cast(Callable[[int, int, Block], None], pyfuse3.notify_store)
         # --parallel bounds both the read-ahead threads (ThreadPolicy) and the

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from fusecache.config import SourceConfig
+from fusecache.config import DISK_READERS, SourceConfig
 
 
 @dataclass
@@ -37,6 +37,6 @@ class ThreadPolicy:
         self.lower_probe = trio.CapacityLimiter(1)
         # Disk-tier reads a reader waits on; the disk writers are a fixed number of
         # tasks (SpillQueue.WRITERS), so they never take these.
-        self.disk_read = trio.CapacityLimiter(4)
+        self.disk_read = trio.CapacityLimiter(DISK_READERS)
         # Disk writes, hashing, page-cache stores and invalidations, notes: trio's
         # default limiter (40), which no lower-mount call uses.

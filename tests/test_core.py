@@ -158,7 +158,7 @@ async def test_sequential_reader_gets_read_ahead(core: FilesystemCore) -> None:
     fh = await open_file(core, b"f")
     for off in range(0, 4 * MiB, MiB):
         assert bytes(await core.read(fh, off, MiB)) == ramp(off, MiB)
-    await core.cache.wait_idle()
+    await core.wait_idle()
     # Read-ahead fetched beyond what was read, and every block only once.
     stats = core.cache.statistics()
     assert stats.lower_bytes > 4 * MiB

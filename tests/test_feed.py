@@ -45,7 +45,7 @@ async def _load_header_then_scattered(core: FilesystemCore, name: bytes) -> tupl
     for off in random.Random(3).sample(range(MiB, SIZE - 4096, 4096), 8):
         assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
     with trio.fail_after(20):
-        await core.cache.wait_idle()  # the fill, and the feeding behind it
+        await core.wait_idle()  # the fill, and the feeding behind it
     return fh, (await core.lookup(1, name)).ino
 
 
@@ -80,7 +80,7 @@ async def test_fed_and_with_a_disk_tier_a_file_bigger_than_memory_is_fetched_who
         for off in range(24 * MiB, 40 * MiB, 2 * MiB):  # tensors, well past the head
             assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
         with trio.fail_after(20):
-            await core.cache.wait_idle()
+            await core.wait_idle()
         stats = core.cache.statistics()
         assert stats.lower_bytes == size, "fetched whole, each byte once"
         for (_, offset), data in kernel.stored.items():
@@ -91,7 +91,7 @@ async def test_fed_and_with_a_disk_tier_a_file_bigger_than_memory_is_fetched_who
         await core.read(fh, 0, 8)
         for off in range(24 * MiB, 40 * MiB, 2 * MiB):
             await core.read(fh, off, 4096)
-        await core.cache.wait_idle()
+        await core.wait_idle()
         assert core.cache.statistics().lower_bytes < size
 
 

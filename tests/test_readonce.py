@@ -37,7 +37,7 @@ async def test_sequential_head_fetches_the_rest(core: FilesystemCore) -> None:
     with trio.fail_after(20):
         while core.cache.statistics().lower_bytes < SIZE:  # noqa: ASYNC110 - the fill runs on
             await trio.sleep(0.01)
-    await core.cache.wait_idle()
+    await core.wait_idle()
     stats = core.cache.statistics()
     assert stats.lower_bytes == SIZE, "each byte crosses once"
     served = stats.served_memory + stats.served_disk + stats.served_lower
@@ -55,7 +55,7 @@ async def test_sha256_asked_of_a_cold_file_fetches_it_once_for_the_readers_after
         digest = await core.getxattr(ino, SHA256_XATTR)
     assert digest.decode() == hashlib.sha256(ramp(0, SIZE)).hexdigest()
     assert SHA256_XATTR in await core.listxattr(ino)
-    await core.cache.wait_idle()
+    await core.wait_idle()
     assert core.cache.statistics().lower_bytes == SIZE
     fh = await open_file(core, b"m")  # the load the tool then does comes from the cache
     for off in range(0, SIZE, MiB):
@@ -84,13 +84,13 @@ async def test_two_askers_share_one_hash(core: FilesystemCore,
     # Two hashes would move no more bytes from below than one (the second reads the
     # cache), so count the walks over the file's blocks that hashes make.
     walks = []
-    walk = core.cache.walk
+    walk = core.readonce.passes.walk
 
     async def counted_walk(*args: Any, **kwargs: Any) -> None:
         walks.append(args)
         await walk(*args, **kwargs)
 
-    monkeypatch.setattr(core.cache, "walk", counted_walk)
+    monkeypatch.setattr(core.readonce.passes, "walk", counted_walk)
 
     async def ask() -> None:
         got.append(await core.getxattr(ino, SHA256_XATTR))
@@ -101,7 +101,7 @@ async def test_two_askers_share_one_hash(core: FilesystemCore,
             nursery.start_soon(ask)
     assert got[0] == got[1] == hashlib.sha256(ramp(0, SIZE)).hexdigest().encode()
     assert len(walks) == 1, "one hash, shared by both askers"
-    await core.cache.wait_idle()
+    await core.wait_idle()
     assert core.cache.statistics().lower_bytes == SIZE
 
 
@@ -136,7 +136,7 @@ async def test_with_sha256_on_the_fill_hashes_as_it_streams(core: FilesystemCore
     core.release(fh)
     ino = (await core.lookup(1, b"m")).ino
     with trio.fail_after(20):
-        await core.cache.wait_idle()  # the fill and the walk that hashes behind it
+        await core.wait_idle()  # the fill and the walk that hashes behind it
     assert SHA256_XATTR in await core.listxattr(ino), "known without being asked"
     assert (await core.getxattr(ino, SHA256_XATTR)).decode() == hashlib.sha256(
         ramp(0, SIZE)).hexdigest()
@@ -162,7 +162,7 @@ async def test_header_then_scattered_reads_fetch_the_rest(core: FilesystemCore) 
         assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
     # Nothing else wants the whole file (no sha256 asked, no sequential reader).
     with trio.fail_after(20):
-        await core.cache.wait_idle()  # the fill the trigger started
+        await core.wait_idle()  # the fill the trigger started
     assert core.cache.statistics().lower_bytes == SIZE
 
 
@@ -173,7 +173,7 @@ async def test_files_too_big_for_memory_are_not_fetched_whole(core: FilesystemCo
     fh = await open_file(core, b"m")
     for off in range(0, 20 * MiB, MiB):
         await core.read(fh, off, MiB)
-    await core.cache.wait_idle()
+    await core.wait_idle()
     assert core.cache.statistics().lower_bytes < size
 
 
@@ -239,7 +239,7 @@ async def test_passes_over_a_file_bigger_than_the_cache(tmp_path: Path, implemen
             for off in range(0, size, 128 * 1024):
                 assert bytes(await core.read(fh, off, 128 * 1024)) == ramp(off, 128 * 1024)
             core.release(fh)
-            await core.cache.wait_idle()
+            await core.wait_idle()
             fetched.append(core.cache.statistics().lower_bytes - before)
         assert fetched[0] == size, "the first pass fetches each block once"
         assert fetched[1] <= size // 2, "the second pass hits at least half"
@@ -319,5 +319,5 @@ async def test_a_random_read_fetches_only_its_block(core: FilesystemCore) -> Non
     fh = await open_file(core, b"m")
     off = 10 * MiB + 5
     assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
-    await core.cache.wait_idle()
+    await core.wait_idle()
     assert core.cache.statistics().lower_bytes == core.cache.block_size

@@ -30,7 +30,7 @@ async def read_settled(tmp_path: Path, core: FilesystemCore, flags: int = os.O_R
     write_ramp(tmp_path / "src" / "f", SIZE)
     fh = await open_file(core, b"f", flags)
     assert await read_all(core, fh, SIZE) == ramp(0, SIZE)
-    await core.cache.wait_idle()
+    await core.wait_idle()
     with trio.fail_after(20):
         await core.cache.wait_spilled()
     return fh
@@ -145,14 +145,14 @@ async def test_a_whole_file_fetch_leaves_blocks_on_disk_where_they_are(tmp_path:
     async with make_core(tmp_path, 256 * MiB, disk) as core:
         fh = await open_file(core, b"f")
         assert await read_all(core, fh, size) == ramp(0, size)
-        await core.cache.wait_idle()
+        await core.wait_idle()
         await core.cache.wait_spilled()
     disk.close()
     async with make_core(tmp_path, 256 * MiB, DiskTier(tmp_path / "cache", 1 << 30)) as core:
         fh = await open_file(core, b"f")
         for off in range(0, 17 * MiB, MiB):  # past whole_file_after: a hash pass begins
             assert bytes(await core.read(fh, off, MiB)) == ramp(off, MiB)
-        await core.cache.wait_idle()
+        await core.wait_idle()
         stats = core.cache.statistics()
         assert stats.lower_bytes == 0
         # Read-ahead reaches 24 MiB past the reader; the rest of the file stays on disk.
@@ -175,7 +175,7 @@ async def test_a_block_waiting_for_its_writer_is_served_from_memory(
         write_ramp(tmp_path / "src" / "f", 8 * MiB)
         fh = await open_file(core, b"f")
         assert await read_all(core, fh, 8 * MiB) == ramp(0, 8 * MiB)
-        await core.cache.wait_idle()
+        await core.wait_idle()
         lower = core.cache.statistics().lower_bytes
         assert bytes(await core.read(fh, 0, MiB)) == ramp(0, MiB)  # left memory, not on disk yet
         assert core.cache.statistics().lower_bytes == lower
@@ -218,7 +218,7 @@ async def test_corrupted_disk_block_is_refetched(tmp_path: Path, implementation:
     async with make_core(tmp_path, 1 * MiB, disk, implementation) as core:
         fh = await open_file(core, b"f")
         await read_all(core, fh, 4 * MiB)
-        await core.cache.wait_idle()
+        await core.wait_idle()
         await core.cache.flush_to_disk()
     disk.close()
     for path in (tmp_path / "cache").glob(f"{SUBDIR}/{FORMAT}/*/*.blk"):  # damage every block

@@ -1,4 +1,4 @@
-"""What the filesystem asks of the block cache: reads, read-ahead, whole-file fills and walks.
+"""The block cache: reads, read-ahead, and where each block lives as readers are served.
 
 The concurrency protocol is written down in docs/design.md.
 """
@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import trio
 
 from fusecache.blockio import Block, BlockPool, new_pool
+from fusecache.cache.budget import MemoryBudget
 from fusecache.cache.disk import DiskTier
 from fusecache.cache.flights import CachedFile, Flight, Flights
 from fusecache.cache.memory import MemoryTier
 from fusecache.cache.spill import SpillQueue
-from fusecache.cache.underway import Underway
-from fusecache.config import CacheConfig
+from fusecache.config import CacheConfig, SourceConfig, memory_shares
 from fusecache.errors import LowerError
 from fusecache.lru import BlockKey
 from fusecache.source_api import Source
@@ -42,13 +42,11 @@ class CacheStatistics:
     memory_used: int
     memory_capacity: int
     memory_mapped: int  # block memory the process holds, cached or not (C pool only)
-    disk_used: int
-    disk_capacity: int
+    memory_spilling: int  # blocks waiting for a disk writer
+    memory_limit: int  # what all block memory stays within (cache/budget.py)
     disk_writes_dropped: int
-    validation_failures: int
     handed_to_kernel: int  # blocks memory let go to disk once the kernel held all their pages
     fetches_in_flight: int  # blocks on their way from below or from disk, now
-    background_jobs: int  # whole-file fetches and hashes under way, now
 
 
 class BlockCache:
@@ -62,13 +60,15 @@ class BlockCache:
     def __init__(
         self, config: CacheConfig, source: Source, nursery: trio.Nursery,
         disk: DiskTier | None = None, pool: BlockPool | None = None,
-        threads: ThreadPolicy | None = None,
+        threads: ThreadPolicy | None = None, budget: MemoryBudget | None = None,
     ) -> None:
         self.config = config
         self.block_size = config.block_size
         self.fetch_blocks = config.fetch_blocks
-        self._spill = SpillQueue(disk, nursery) if disk is not None else None
+        self.budget = budget or MemoryBudget(memory_shares(config, SourceConfig()))
+        self._spill = SpillQueue(disk, nursery, self.budget) if disk is not None else None
         self._memory = MemoryTier(config.lru_bytes, config.passing_bytes, self._evicted)
+        self.budget.watch_cached(lambda: self._memory.used)
         self._pool = pool or new_pool(config.block_size)
         self._disk = disk
         self._nursery = nursery
@@ -79,11 +79,10 @@ class BlockCache:
         self._served_lower = 0
         self._served_disk = 0
         self._walks: dict[Hashable, int] = {}  # file key -> the block a walk waits for
-        self._background = Underway()  # walks and fills
         self._handed_to_kernel = 0
 
     def statistics(self) -> CacheStatistics:
-        flights, disk = self._flights, self._disk
+        flights, memory = self._flights, self.budget.use()
         return CacheStatistics(
             served_memory=self._served_memory,
             served_disk=self._served_disk,
@@ -95,13 +94,11 @@ class BlockCache:
             memory_used=self._memory.used,
             memory_capacity=self._memory.budget,
             memory_mapped=self._pool.statistics()["mapped_bytes"],
-            disk_used=disk.used if disk else 0,
-            disk_capacity=disk.capacity if disk else 0,
+            memory_spilling=memory.spilling,
+            memory_limit=memory.limit,
             disk_writes_dropped=self._spill.dropped if self._spill else 0,
-            validation_failures=disk.validation_failures if disk else 0,
             handed_to_kernel=self._handed_to_kernel,
             fetches_in_flight=len(flights),
-            background_jobs=self._background.count,
         )
 
     @property
@@ -138,7 +135,7 @@ class BlockCache:
                  for idx in range(first, last + 1)]
         parts = []
         for idx, lo, hi in spans:
-            block = await self._block(f, idx, hi - lo)
+            block = await self.block(f, idx, hi - lo)
             parts.append(memoryview(block)[lo:hi])
         if kept and self._disk is not None:
             for idx, lo, hi in spans:
@@ -180,7 +177,7 @@ class BlockCache:
         if self._spill is not None:
             self._spill.offer(key, block)
 
-    async def _block(self, f: CachedFile, idx: int, served: int) -> Block:
+    async def block(self, f: CachedFile, idx: int, served: int) -> Block:
         """Block *idx* of *f*; *served* bytes of it count for the tier it came from."""
         key = (f.key, idx)
         block = self._memory.get(key)
@@ -219,119 +216,66 @@ class BlockCache:
                                           readahead=True, from_disk=from_disk)
             idx += max(started, 1)
 
-    # --- the daemon's own passes over a file -------------------------------
+    # --- what the daemon's own passes (cache/passes.py) ask ------------------
 
-    async def walk(self, f: CachedFile, consume: Callable[[Block], Awaitable[object]],
-                   ahead: int = 0) -> None:
-        """Hand every block of *f* to *consume*, in file order, for the daemon's own use.
+    @property
+    def fetching(self) -> int:
+        """Blocks on their way from below or from disk, now."""
+        return len(self._flights)
 
-        Not counted as served: only replies to readers are. A walk behind the
-        kernel's reader keeps the blocks it has yet to reach in memory, so it does
-        not read back from disk what the kernel was handed moments ago.
-        With *ahead*, the walk keeps fetches from below going that many blocks
-        ahead of itself (when nothing else, such as a fill, fetches the file).
-        """
-        key = f.key
-        self._background.start()
-        try:
-            for idx in range(self.block_count(f)):
-                self._walks[key] = idx
-                if ahead:
-                    bs = self.block_size
-                    self.prefetch(f, (idx + 1) * bs, (idx + 1 + ahead) * bs, from_disk=False)
-                # On disk alone: it left memory before the walk began (the kernel
-                # had it, or memory was full). Read it, but do not cache it again.
-                disk_only = (self._disk is not None and not self._flights.held((key, idx))
-                             and self._disk.contains(key, idx))
-                block = await self._block(f, idx, 0)
-                await consume(block)
-                self._walks[key] = idx + 1
-                if disk_only and self._disk is not None and self._disk.contains(key, idx):
-                    self._memory.discard((key, idx))
-                elif (key, idx) in self._memory and self._memory.kernel_holds((key, idx),
-                                                                             len(block)):
-                    self._to_disk((key, idx))
-        finally:
-            self._walks.pop(key, None)  # never set for an empty file
-            self._background.end()
-
-    async def fill(self, f: CachedFile, parallel: int, feed: Feed | None = None) -> None:
-        """Fetch from below every block of *f* that is neither held nor coming, in file order.
-
-        Blocks on disk are left there: they are local already, and one the
-        kernel was handed moments ago would only come back to memory as a copy.
-
-        At most *parallel* fetches are registered at a time, so a reader that
-        wants a block the fill has not reached fetches it on its own (demand)
-        path instead of queueing behind the fill. Stops at the first error.
-        The caller pins *f* for the fill, which releases the pin when it ends.
-
-        *feed* (block index, block) hands each block of the file the kernel does
-        not hold yet to its page cache, whether the fill fetched it or found it
-        in memory (or on its way), and says whether it did; a block it took
-        counts as served to the kernel (see _served).
-        """
-        nblocks = self.block_count(f)
-        window = trio.Semaphore(parallel)
-        failed = False
-        self._background.start()
-
-        async def settle(flight: Flight, first: int, count: int) -> None:
-            nonlocal failed
+    async def wait_fetched(self) -> None:
+        """Return once no block is on its way."""
+        while (flight := self._flights.any()) is not None:
             await flight.done.wait()
-            failed = failed or flight.error is not None
-            window.release()
-            if feed is not None and flight.error is None:
-                for idx in range(first, first + count):
-                    await self._feed(f, idx, feed)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                idx = 0
-                while idx < nblocks and not failed:
-                    await window.acquire()
-                    started = self._flights.start(f, idx, self.fetch_blocks, readahead=True,
-                                                  from_disk=False)
-                    if started == 0:  # held, on its way, or on disk
-                        window.release()
-                        if feed is not None:  # fetched before the fill began: fed all the same
-                            nursery.start_soon(self._feed_when_here, f, idx, feed)
-                        idx += 1
-                        continue
-                    flight = self._flights.get((f.key, idx))
-                    assert flight is not None
-                    nursery.start_soon(settle, flight, idx, started)
-                    idx += started
-        finally:
-            f.unpin()
-            self._background.end()
+    def flight(self, key: BlockKey) -> Flight | None:
+        """The fetch bringing a block, if one is under way."""
+        return self._flights.get(key)
 
-    async def _feed_when_here(self, f: CachedFile, idx: int, feed: Feed) -> None:
-        """Feed block *idx* once a fetch that is bringing it has landed."""
-        flight = self._flights.get((f.key, idx))
-        if flight is not None:
-            await flight.done.wait()
-            if flight.error is not None:
-                return
-        await self._feed(f, idx, feed)
+    def fetch_from_below(self, f: CachedFile, idx: int) -> tuple[int, Flight | None]:
+        """Start fetching up to a fetch's worth of blocks from *idx* from below.
 
-    async def _feed(self, f: CachedFile, idx: int, feed: Feed) -> None:
-        """Hand block *idx* of *f* to the kernel's page cache through *feed*, unless it holds it."""
+        Returns how many it started and the flight of block *idx*; (0, None) when
+        that block is held, on its way, or on disk.
+        """
+        started = self._flights.start(f, idx, self.fetch_blocks, readahead=True,
+                                      from_disk=False)
+        return started, self._flights.get((f.key, idx)) if started else None
+
+    def on_disk_only(self, key: BlockKey) -> bool:
+        """Whether a block is on disk and neither in memory nor on its way there."""
+        return (self._disk is not None and not self._flights.held(key)
+                and self._disk.contains(*key))
+
+    def walk_at(self, file_key: Hashable, idx: int) -> None:
+        """A walk over the file waits for block *idx*: keep it and those after in memory."""
+        self._walks[file_key] = idx
+
+    def walk_ended(self, file_key: Hashable) -> None:
+        self._walks.pop(file_key, None)
+
+    def walked_past(self, key: BlockKey, length: int, disk_only: bool) -> None:
+        """A walk is done with a block: let it go where a reader's block would have gone.
+
+        One that was on disk alone when the walk reached it (it left memory before
+        the walk began) is not cached again; one the kernel holds whole goes to disk.
+        """
+        if disk_only and self._disk is not None and self._disk.contains(*key):
+            self._memory.discard(key)
+        elif key in self._memory and self._memory.kernel_holds(key, length):
+            self._to_disk(key)
+
+    async def feed(self, f: CachedFile, idx: int, feed: Feed) -> None:
+        """Hand block *idx* of *f* to the kernel's page cache through *feed*, unless it holds it.
+
+        A block it took counts as served to the kernel (see _served).
+        """
         key = (f.key, idx)
         block = self._memory.get(key)
         if block is None or self._memory.kernel_holds(key, len(block)):
             return  # gone already (evicted, handed on), or the kernel read all of it
         if await feed(idx, block) and self._disk is not None:
             self._served(key, 0, len(block), len(block))
-
-    async def wait_idle(self) -> None:
-        """Return once no fetch is in flight and no walk or fill is under way."""
-        while len(self._flights) or self._background.count:
-            flight = self._flights.any()
-            if flight is not None:
-                await flight.done.wait()
-            else:
-                await self._background.wait_none()
 
     # --- the disk tier -----------------------------------------------------
 

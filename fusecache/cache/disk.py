@@ -2,32 +2,31 @@
 
 Layout: DIR/blocks/v3/<identity digest>/<unit>.blk (see slots.py for a unit
 file's slots), and <name>.note beside them for a small value kept per identity
-(its sha256). DIR/blocks is the directory fusecache made and tagged in the cache
+(its sha256, notes.py). DIR/blocks is the directory fusecache made and tagged in the cache
 dir (cachedir.py); nothing outside it is touched. A write that fails (the disk is
 full, mostly) stops writes for a while (writestop.py); reads go on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fusecache.blockio import Block, BlockPool
+from fusecache.cache.diskscan import left_behind, remove_older_formats
+from fusecache.cache.notes import read_note, write_note
 from fusecache.cache.slots import (
     DATA_OFFSET,
     FORMAT,
     HEADER,
     MAGIC,
     NOTE_SUFFIX,
-    TMP_SUFFIX,
     UNIT,
     accepts_direct_io,
     checksum,
@@ -56,6 +55,11 @@ class DiskStatistics:
     full_episodes: int  # times writes stopped after a failure
     full_now: bool  # writes are stopped, or being tried again after a stop
 
+    @classmethod
+    def none(cls) -> DiskStatistics:
+        """The counters of a mount without a disk tier."""
+        return cls(0, 0, 0, 0, 0, 0, False)
+
 
 class _Size(int):
     """An index entry: only the block's size is kept in memory."""
@@ -82,7 +86,7 @@ class DiskTier:
         self.root = self._dir.path / FORMAT
         self.root.mkdir(exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
-        _remove_older_formats(self._dir)
+        remove_older_formats(self._dir)
         self.block_size = block_size
         self._slot = DATA_OFFSET + block_size  # bytes between the starts of two slots
         # tmpfs (before Linux 6.6) and some FUSE file systems refuse O_DIRECT.
@@ -143,20 +147,7 @@ class DiskTier:
         The capacity is the smaller of *max_bytes* and what the disk can take:
         what we already hold plus 90% of the free space.
         """
-        found: list[tuple[int, bytes, int, int]] = []
-        for d in self.root.iterdir():
-            if not d.is_dir():
-                continue
-            for entry in os.scandir(d):
-                try:
-                    unit = int(entry.name.removesuffix(".blk"))
-                    digest = bytes.fromhex(d.name)
-                    mtime = entry.stat().st_mtime_ns
-                    slots = list(self._written_slots(entry.path))
-                except (ValueError, OSError):
-                    continue
-                found.extend((mtime, digest, unit * UNIT + s, size) for s, size in slots)
-        found.sort()
+        found = left_behind(self.root, self._slot, self.block_size)
         self._fit_capacity(sum(size + DATA_OFFSET for *_, size in found))
         with self._lock:
             for _, digest, idx, size in found:
@@ -172,33 +163,6 @@ class DiskTier:
         of the free space."""
         free = shutil.disk_usage(self.root).free
         self._index.capacity = min(self._max_bytes, held + int(free * 0.9))
-
-    def _written_slots(self, path: str) -> Iterator[tuple[int, int]]:
-        """(slot, data bytes at most) for each slot of a unit file that holds data.
-
-        From the file's data extents, so a start does not read every header;
-        a slot that is not what it should be fails its checks when read. Where
-        the file system has no holes, every slot of the file's length counts.
-        """
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            end_of_file = os.fstat(fd).st_size
-            pos = 0
-            while pos < end_of_file:
-                try:
-                    start = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:  # ENXIO: no data past pos
-                    return
-                end = os.lseek(fd, start, os.SEEK_HOLE)
-                first = -(-start // self._slot)  # slots whose header lies in [start, end)
-                for s in range(first, UNIT):
-                    base = s * self._slot
-                    if base + DATA_OFFSET > end:
-                        break
-                    yield s, min(end - base - DATA_OFFSET, self.block_size)
-                pos = end
-        finally:
-            os.close(fd)
 
     def _evicted(self, key: BlockKey, size: _Size) -> None:
         """The index let a block go (with the lock held): give up its slot."""
@@ -314,44 +278,11 @@ class DiskTier:
         for note in (self.root / digest.hex()).glob(f"*{NOTE_SUFFIX}"):
             note.unlink(missing_ok=True)
 
-    def _note_path(self, file_key: Hashable, name: str) -> Path:
-        return self.root / self._digest(file_key).hex() / f"{name}{NOTE_SUFFIX}"
-
     def note(self, file_key: Hashable, name: str) -> bytes | None:
-        """A small value kept for one source identity (its sha256), or None.
-
-        Notes are not checksummed: the caller checks the value's form.
-        """
-        try:
-            return self._note_path(file_key, name).read_bytes()
-        except OSError:
-            return None
+        """A small value kept for one source identity (its sha256), or None (notes.py)."""
+        return read_note(self.root / self._digest(file_key).hex(), name)
 
     def set_note(self, file_key: Hashable, name: str, value: bytes) -> None:
         """Keep *value* for one source identity, across remounts. Best effort."""
-        if not self._stop.admit(self._refit):
-            return
-        path = self._note_path(file_key, name)
-        tmp = path.with_name(path.name + TMP_SUFFIX)
-        try:
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, value)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-        except OSError as exc:
-            log.debug("cannot keep the %s of %s: %s", name, path.parent, exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            self._stop.failed(exc)
-
-
-def _remove_older_formats(tagged: TaggedDir) -> None:
-    """Delete the blocks an older fusecache left in our tagged directory, in a format this
-    one cannot read. Only there: a v1/ elsewhere may be anyone's."""
-    for old in tagged.path.iterdir():
-        if old.name != FORMAT and re.fullmatch(r"v\d+", old.name) and old.is_dir():
-            log.info("removing the disk cache %s of an older format", old)
-            shutil.rmtree(old, ignore_errors=True)
+        if self._stop.admit(self._refit):
+            write_note(self.root / self._digest(file_key).hex(), name, value, self._stop)

@@ -8,6 +8,7 @@ from collections.abc import Hashable
 import trio
 
 from fusecache.blockio import Block
+from fusecache.cache.budget import MemoryBudget
 from fusecache.cache.disk import DiskTier
 from fusecache.cache.underway import Underway
 from fusecache.lru import BlockKey
@@ -21,23 +22,25 @@ class SpillQueue:
     The disk tier holds what memory lets go (evicted, or handed on once the kernel
     holds it): a block is written when it leaves memory, not when it arrives, so a
     model that fits in memory costs no disk writes at all (they cost 0.8 CPU-s per GB
-    on this machine, a tenth of a cold read). Blocks waiting for a writer are held
-    outside the memory budget, at most HELD (256 MiB, part of the daemon's overhead
-    above --mem-cache in docs/design.md); beyond that a block that leaves is not
-    written (`dropped`) rather than growing memory without bound.
+    on this machine, a tenth of a cold read). Blocks waiting for a writer take their
+    bytes from the memory budget's spilling share (config.MemoryShares); beyond
+    that a block that leaves is not written (`dropped`) rather than growing memory
+    without bound.
     """
 
-    HELD = 256
     # One writer fell behind a 240 MB/s reader (117 of 400 blocks dropped); four
     # keep up.
     WRITERS = 4
 
-    def __init__(self, disk: DiskTier, nursery: trio.Nursery) -> None:
+    def __init__(self, disk: DiskTier, nursery: trio.Nursery, budget: MemoryBudget) -> None:
         self._disk = disk
+        self._budget = budget
         self._waiting: dict[BlockKey, Block] = {}
         self._writes = Underway()  # keys queued for the writers
         self.dropped = 0
-        send, receive = trio.open_memory_channel[BlockKey](self.HELD)
+        # A key per waiting block, and as many again for keys whose file changed.
+        send, receive = trio.open_memory_channel[BlockKey](
+            2 * budget.shares.spilling // disk.block_size)
         self._queue = send
         for _ in range(self.WRITERS):
             nursery.start_soon(self._write, receive)
@@ -50,18 +53,19 @@ class SpillQueue:
 
     @property
     def has_room(self) -> bool:
-        return len(self._waiting) < self.HELD and self._disk.accepting_writes
+        return self._budget.spilling_has_room and self._disk.accepting_writes
 
     def offer(self, key: BlockKey, block: Block) -> bool:
         """Queue a block that leaves memory for a writer; False (counted) if there is no room."""
         if key in self._waiting or self._disk.contains(*key):
             return True
-        if not self.has_room:
+        if not self._disk.accepting_writes or not self._budget.try_take_spilling(len(block)):
             self.dropped += 1
             return False
         try:
             self._queue.send_nowait(key)
         except trio.WouldBlock:  # full of keys whose file changed meanwhile
+            self._budget.give_spilling(len(block))
             self.dropped += 1
             return False
         self._waiting[key] = block
@@ -71,7 +75,7 @@ class SpillQueue:
     def forget_file(self, file_key: Hashable) -> None:
         """Drop a changed file's waiting blocks; their writers then find nothing."""
         for doomed in [k for k in self._waiting if k[0] == file_key]:
-            del self._waiting[doomed]
+            self._budget.give_spilling(len(self._waiting.pop(doomed)))
 
     async def _write(self, receive: trio.MemoryReceiveChannel[BlockKey]) -> None:
         async for key in receive:
@@ -82,7 +86,8 @@ class SpillQueue:
             except Exception:
                 log.exception("writing a block to the disk cache failed")
             finally:
-                self._waiting.pop(key, None)
+                if (written := self._waiting.pop(key, None)) is not None:
+                    self._budget.give_spilling(len(written))
                 self._writes.end()
 
     async def wait_spilled(self) -> None:

@@ -201,9 +201,14 @@ class FilesystemCore:
     async def statfs(self) -> os.statvfs_result:
         return await self.answers.answer(("statfs",), self.source.statvfs)
 
+    async def wait_idle(self) -> None:
+        """Return once no block is on its way and no whole-file fill or hash is under way."""
+        await self.readonce.passes.wait_idle()
+
     def statistics(self) -> dict[str, int]:
         """Every counter of the daemon, flat, for stats output."""
-        return daemon_counters(self.read_requests, self.source, self.cache, self.answers)
+        return daemon_counters(self.read_requests, self.source, self.cache,
+                               self.readonce.passes, self.answers)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT_INODE and name == STATS_XATTR:

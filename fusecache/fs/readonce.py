@@ -20,6 +20,7 @@ import trio
 
 from fusecache.blockio import Block
 from fusecache.cache.blocks import BlockCache
+from fusecache.cache.passes import FilePasses
 from fusecache.config import ReadaheadConfig
 from fusecache.errors import FsError, LowerError
 from fusecache.fs.lowerfile import LowerFile, Pin
@@ -54,6 +55,7 @@ class ReadOnce:
                  nursery: trio.Nursery, pagecache: PageCache, disk: DiskNotes | None) -> None:
         self.config = config
         self._cache = cache
+        self.passes = FilePasses(cache)  # the fills and hash walks below
         self._parallel = parallel
         self._nursery = nursery
         self._pagecache = pagecache
@@ -100,7 +102,7 @@ class ReadOnce:
     def _start_fill(self, ino: int, f: LowerFile, feed: bool) -> None:
         """Fetch the rest of *f* in the background; *feed*: into the kernel's page cache too."""
         feeder = self._pagecache.feeder(ino, f) if feed else None
-        self._nursery.start_soon(self._cache.fill, Pin(f).give(), self._parallel, feeder)
+        self._nursery.start_soon(self.passes.fill, Pin(f).give(), self._parallel, feeder)
 
     def _fits_whole(self, f: LowerFile, feed: bool) -> bool:
         """Whether a whole-file fetch of *f* keeps what it fetches until a reader wants it.
@@ -168,7 +170,7 @@ class ReadOnce:
         try:
             with pin:
                 try:
-                    await self._cache.walk(f, update, ahead=ahead)
+                    await self.passes.walk(f, update, ahead=ahead)
                 except LowerError as exc:
                     log.warning("%s: no sha256: %s", f.display, exc)
                     return

@@ -6,16 +6,19 @@ import dataclasses
 import os
 
 from fusecache.cache.blocks import BlockCache
+from fusecache.cache.disk import DiskStatistics
+from fusecache.cache.passes import FilePasses
 from fusecache.fs.answers import KnownAnswers
 from fusecache.source_api import Source
 
 
 def daemon_counters(read_requests: int, source: Source, cache: BlockCache,
-                    answers: KnownAnswers) -> dict[str, int]:
+                    passes: FilePasses, answers: KnownAnswers) -> dict[str, int]:
     """Every counter of the daemon, flat, for stats output."""
     src = source.statistics()
     return {"read_requests": read_requests,
             **dataclasses.asdict(cache.statistics()),
+            "background_jobs": passes.underway,  # whole-file fetches and hashes, now
             "source_healthy": int(src.healthy),
             "source_timeouts": src.timeouts,
             "source_failed_fast": src.failed_fast,
@@ -26,11 +29,12 @@ def daemon_counters(read_requests: int, source: Source, cache: BlockCache,
 
 
 def _disk_counters(cache: BlockCache) -> dict[str, int]:
-    disk = cache.disk
-    if disk is None:
-        return {}
-    d = disk.statistics()
-    return {"disk_write_errors": d.write_errors,
+    """The disk tier's counters, from one snapshot of them (zeros without a disk tier)."""
+    d = cache.disk.statistics() if cache.disk is not None else DiskStatistics.none()
+    return {"disk_used": d.used,
+            "disk_capacity": d.capacity,
+            "validation_failures": d.validation_failures,
+            "disk_write_errors": d.write_errors,
             "disk_writes_refused_full": d.writes_refused_full,
             "disk_full_episodes": d.full_episodes,
             "disk_full_now": int(d.full_now)}
