@@ -6,6 +6,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fusecache.objectstore.location import StoreLocation
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -177,6 +181,12 @@ class SourceConfig:
     # working store takes tens of milliseconds; a cached model stays readable
     # within a second however the store fares.
     stale_after: float = 0.3
+    # The object-store source (s3://, oss://) believes a directory's listing, and
+    # so the sizes, dates and ETags of its objects, this long (--list-ttl): a
+    # replaced object is read as new content at most this late. 60 s, as the
+    # kernel's attribute timeout: model stores change rarely, and each LIST is a
+    # request.
+    list_ttl: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -235,7 +245,7 @@ class ReadaheadConfig:
 class MountConfig:
     """Everything one mount needs."""
 
-    source: Path
+    source: Path | StoreLocation  # a directory, or a bucket read directly
     mountpoint: Path
     cache: CacheConfig = CacheConfig()
     lower: SourceConfig = SourceConfig()

@@ -12,7 +12,7 @@ import pyfuse3
 
 from fusecache.errors import errno_for
 from fusecache.fs.core import Attr, FilesystemCore
-from fusecache.source import SourceUnavailable
+from fusecache.source_api import SourceUnavailable
 
 log = logging.getLogger(__name__)
 

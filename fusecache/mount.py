@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import pyfuse3
@@ -22,7 +23,10 @@ from fusecache.config import MountConfig
 from fusecache.errors import FsError
 from fusecache.fs.core import FilesystemCore
 from fusecache.fuse_ops import FuseOperations
+from fusecache.objectstore.location import LocationError, open_client
+from fusecache.objectstore.source import ObjectSource
 from fusecache.source import LowerSource
+from fusecache.source_api import Source
 from fusecache.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,7 @@ class MountError(Exception):
 async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> None:
     """Mount, call on_ready(None) once the mount answers, serve until unmounted or signalled."""
     threads = ThreadPolicy(config.lower)
-    source = LowerSource(config.source, config.lower, threads)
+    source = _source(config, threads)
     if config.cache.fetch_bytes != config.cache.fetch_size:
         log.info("reading %d MiB from the lower mount at a time (--fetch-size %d MiB is more "
                  "than half of an eighth of --mem-cache, or not whole MiB)",
@@ -95,6 +99,17 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         with trio.move_on_after(config.cache.flush_on_unmount):
             await cache.flush_to_disk()
         nursery.cancel_scope.cancel()
+
+
+def _source(config: MountConfig, threads: ThreadPolicy) -> Source:
+    """The directory source, or for an s3:// or oss:// URL the object-store source."""
+    if isinstance(config.source, Path):
+        return LowerSource(config.source, config.lower, threads)
+    try:  # here, after the fork: the client's runtime threads would not survive one
+        client = open_client(config.source, config.lower.timeout)
+    except LocationError as exc:
+        raise MountError(str(exc)) from None
+    return ObjectSource(client, config.source, config.lower, threads, config.cache.block_size)
 
 
 async def _stop_on_signals(core: FilesystemCore, requests: trio.CancelScope) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fusecache.bench import folios
-from fusecache.bench.run import CaseResult, Ideal, SwitchResult, format_ideal
+from fusecache.bench.report import format_ideal
+from fusecache.bench.run import CaseResult, Ideal, SwitchResult
 
 pytestmark = pytest.mark.unit
 
@@ -36,8 +37,8 @@ def test_ideal_second_switches_are_the_paired_local_loads() -> None:
             case.switches.append(s)
     ideal = Ideal(plain_best_bps=1e9, local_root=Path("/nowhere"), local=local)
     assert abs(ideal.second_s - (0.15 + 0.3)) < 1e-9
-    text = format_ideal(cached, ideal)
-    assert "fusecache takes 1.67x that" in text.splitlines()[1]
+    text = format_ideal([cached], ideal)
+    assert "1.67x the ideal second switches" in text.splitlines()[2]
     assert "0.90 / 0.60 s, 0.60 / 0.30 s" in text
 
 

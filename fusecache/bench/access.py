@@ -13,9 +13,11 @@ stand-in, then for each access pattern and each target mounts the target fresh
 - rand-4k / rand-64k: preads at random aligned offsets;
 - 8-procs: eight processes each reading the whole file at once.
 
-Targets: plain (the s3fs direct_io stand-in itself), fusecache over it, and the
-caches a user would pick instead over the same server: s3fs with use_cache, and
-rclone mount with --vfs-cache-mode full.
+Targets: plain (the s3fs direct_io stand-in itself), fusecache over it, fusecache
+reading the same server directly (direct: s3://), and the caches a user would pick
+instead over the same server: s3fs with use_cache, and rclone mount with
+--vfs-cache-mode full. For fusecache's targets the daemon's own CPU-seconds per GB
+are reported too.
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import models, workload
-from .common import busy_cpu_seconds, drop_caches, fusecache_mount, progress
+from .common import (
+    busy_cpu_seconds,
+    daemon_pid,
+    drop_caches,
+    fusecache_mount,
+    process_cpu_seconds,
+    progress,
+)
 from .standin import (
     ACCESS_KEY,
     BUCKET,
@@ -53,7 +62,7 @@ from .standin import (
 
 MODEL = "model.safetensors"
 RANDOM_READS = 400
-TARGETS = ("plain", "fusecache", "s3fs-use_cache", "rclone-vfs-full")
+TARGETS = ("plain", "fusecache", "direct", "s3fs-use_cache", "rclone-vfs-full")
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Figure:
     lower: int | None  # bytes the server sent meanwhile
     ops: int  # reads issued (for the random patterns)
     cpu: float  # CPU-seconds the whole machine was busy meanwhile
+    daemon_cpu: float | None = None  # CPU-seconds of the fusecache daemon (its targets)
 
 
 # --- patterns: each takes the file and returns (bytes read, reads issued) ----------
@@ -170,6 +180,9 @@ def target_mount(name: str, standin: Standin) -> contextlib.AbstractContextManag
         return contextlib.nullcontext(standin.mount)
     if name == "fusecache":
         return fusecache_mount(standin.mount, [])
+    if name == "direct":
+        url, options, env = standin.direct()
+        return fusecache_mount(url, options, env=env)
     if name == "s3fs-use_cache":
         return _peer_mount("s3fs", lambda mnt, cache: start_s3fs(
             mnt, standin.url, standin.passwd_file, [f"use_cache={cache}"]))
@@ -184,17 +197,20 @@ def measure(pattern: str, target: str, standin: Standin, want_sha: str) -> Figur
         path = root / MODEL
         path.stat()  # the lookup is not part of the timing
         drop_caches()
+        pid = daemon_pid(root) if target in ("fusecache", "direct") else None
         before = standin.bytes_sent()
+        own0 = process_cpu_seconds(pid) if pid else 0.0
         cpu0, t0 = busy_cpu_seconds(), time.perf_counter()
         wanted, ops = PATTERNS[pattern](path)
         seconds = time.perf_counter() - t0
         cpu = busy_cpu_seconds() - cpu0
+        own = process_cpu_seconds(pid) - own0 if pid else None
         after = standin.bytes_sent()
         if pattern == "seq-1":  # one check of the bytes per target, untimed
             if workload.sha256_file(path) != want_sha:
                 raise RuntimeError(f"{target}: wrong bytes")
     lower = after - before if before is not None and after is not None else None
-    return Figure(pattern, target, seconds, wanted, lower, ops, cpu)
+    return Figure(pattern, target, seconds, wanted, lower, ops, cpu, own)
 
 
 def format_table(figures: list[Figure], size: int, targets: list[str]) -> str:
@@ -225,6 +241,16 @@ def format_table(figures: list[Figure], size: int, targets: list[str]) -> str:
                 f" | {f.cpu / f.wanted * 1e9:16.2f}" if f else f" | {'-':>16}" for f in got))
     lines.append("CPU-seconds the whole machine was busy per GB the pattern read (reader, "
                  "daemon, kernel, s3fs and the S3 server together)")
+    ours = [t for t in targets if t in ("fusecache", "direct")]
+    if ours:
+        lines += ["", f"{'daemon CPU':10}" + "".join(f" | {t:>16}" for t in ours)]
+        for pattern in PATTERNS:
+            got = [by.get((pattern, t)) for t in ours]
+            if any(got):
+                lines.append(f"{pattern:10}" + "".join(
+                    f" | {f.daemon_cpu / f.wanted * 1e9:16.2f}" if f and f.daemon_cpu is not None
+                    else f" | {'-':>16}" for f in got))
+        lines.append("CPU-seconds of the fusecache daemon alone per GB the pattern read")
     return "\n".join(lines)
 
 

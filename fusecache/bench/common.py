@@ -18,12 +18,12 @@ def progress(msg: str, tag: str = "bench") -> None:
 
 
 @contextlib.contextmanager
-def fusecache_mount(source: Path, extra: list[str], cache_dir: Path | None = None,
+def fusecache_mount(source: Path | str, extra: list[str], cache_dir: Path | None = None,
                     env: dict[str, str] | None = None) -> Iterator[Path]:
-    """Mount fusecache over *source* at a temporary mountpoint; always unmount.
+    """Mount fusecache over *source* (a directory or a store URL) at a temporary mountpoint.
 
-    Without *cache_dir* the disk cache is fresh: a cold first switch must not
-    hit an earlier run's blocks.
+    Always unmounts. Without *cache_dir* the disk cache is fresh: a cold first
+    switch must not hit an earlier run's blocks.
     """
     with tempfile.TemporaryDirectory(prefix="fusecache-bench-") as tmp:
         mnt = Path(tmp) / "mnt"
@@ -42,6 +42,16 @@ def fusecache_mount(source: Path, extra: list[str], cache_dir: Path | None = Non
                            capture_output=True, check=False)
             if os.path.ismount(mnt):
                 subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+
+
+def daemon_pid(mnt: Path) -> int | None:
+    """The pid of the fusecache daemon serving *mnt*, from its pid file."""
+    from fusecache.daemon import pidfile_for
+
+    try:
+        return int(pidfile_for(mnt).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def daemon_stats(mnt: Path) -> dict[str, int]:

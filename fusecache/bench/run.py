@@ -1,4 +1,4 @@
-"""`fusecache bench`: the model-switching workload on the plain path and through fusecache."""
+"""`fusecache bench`: model switching on the plain mount, through fusecache, and direct (s3://)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ from pathlib import Path
 
 from . import models, workload
 from .common import (
+    daemon_pid,
     daemon_stats,
     direct_reclaim,
     fusecache_mount,
     proactive_reclaim,
+    process_cpu_seconds,
     progress,
     timed,
 )
+from .report import format_diagnostics, format_ideal, format_table, plot
 from .standin import BUCKET, DEFAULT_RATE_MBPS, Standin, running_standin
 
 # Rounds of fusecache's second switches (each model's median counts). They come
@@ -63,6 +66,10 @@ class CaseResult:
     # VMs (this one: pages idle 60 s, up to 128 MiB/s) reclaim cold page cache
     # proactively, and a page paged out is a page a second switch reads again.
     proactive_reclaim_second: int = 0
+    # CPU-seconds the fusecache daemon spent during the first switches and during
+    # all rounds of second switches (/proc/PID/stat); None for the plain case.
+    daemon_cpu_first: float | None = None
+    daemon_cpu_second: float | None = None
 
     def total(self, attr: str) -> float:
         return sum(getattr(s, attr) or 0 for s in self.switches)
@@ -121,17 +128,20 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
              ) -> CaseResult:
     """First switch to every model in turn, then *rounds* of second switches to every model.
 
-    *daemon* is the fusecache mount whose counters to read, if any. With *ideal*,
-    each second switch is followed by the same load from the local file, timed
-    into ideal.local.
+    *daemon* is the fusecache mount whose counters (and CPU time) to read, if
+    any. With *ideal*, each second switch is followed by the same load from the
+    local file, timed into ideal.local.
     """
     case = CaseResult(name)
+    pid = daemon_pid(daemon) if daemon else None
+    cpu_start = process_cpu_seconds(pid) if pid else 0.0
     for i, model in enumerate(names, 1):
         path = root / model
         r = SwitchResult(model, path.stat().st_size)
         r.first_s, r.first_lower_bytes = timed(workload.first_switch, path, counter)
         progress(f"{name}: first switch {i}/{len(names)} {model} {r.first_s:.2f} s")
         case.switches.append(r)
+    cpu_first = process_cpu_seconds(pid) if pid else 0.0
     if ideal is not None:
         for model in names:
             workload.page_in(ideal.local_root / model)
@@ -150,87 +160,22 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
                      f"{f' (round {round_}/{rounds})' if rounds > 1 else ''} {r.model} {line}")
     if daemon:
         case.daemon_served_second = _daemon_served(daemon) - served_before
+    if pid:
+        case.daemon_cpu_first = cpu_first - cpu_start
+        case.daemon_cpu_second = process_cpu_seconds(pid) - cpu_first
     case.direct_reclaim_second = direct_reclaim() - reclaim_before
     case.proactive_reclaim_second = proactive_reclaim() - proactive_before
     return case
 
 
-def _mb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e6:,.0f}"
-
-
-def format_table(cases: list[CaseResult], local: CaseResult | None = None) -> str:
-    plain, cached = cases[0], cases[1]
-    local_2nd = [f"{s.second_s:9.2f}" for s in local.switches] if local else [""] * len(
-        plain.switches)
-    local_total = f"{local.total('second_s'):9.2f}" if local else ""
-    lines = [f"{'model':44} {'MB':>7} | {'plain 1st':>9} {'2nd':>7} | "
-             f"{'cache 1st':>9} {'2nd':>7} | {'local 2nd' if local else '':9}  (seconds)"]
-    for p, c, l2 in zip(plain.switches, cached.switches, local_2nd, strict=True):
-        lines.append(f"{p.model:44} {p.size / 1e6:7,.0f} | {p.first_s:9.2f} {p.second_s:7.2f} | "
-                     f"{c.first_s:9.2f} {c.second_s:7.2f} | {l2}")
-    lines.append(f"{'total':44} {sum(s.size for s in plain.switches) / 1e6:7,.0f} | "
-                 f"{plain.total('first_s'):9.2f} {plain.total('second_s'):7.2f} | "
-                 f"{cached.total('first_s'):9.2f} {cached.total('second_s'):7.2f} | "
-                 f"{local_total}")
-    for label, attr in (("first switches", "first_s"), ("second switches", "second_s")):
-        ratio = cached.total(attr) / max(plain.total(attr), 1e-9)
-        lines.append(f"{label}: fusecache takes {ratio:.2f}x the plain mount's time "
-                     f"({plain.total(attr) / max(cached.total(attr), 1e-9):.1f}x faster)")
-    for case in cases:
-        lines.append(f"MB from the lower mount, {case.name}: first switches "
-                     f"{_mb(case.total('first_lower_bytes') or None)}, second switches "
-                     f"{_mb(case.total('second_lower_bytes') if case.switches[0].second_lower_bytes is not None else None)}")  # noqa: E501
-    ratio = plain.total("first_s") / max(plain.total("second_s"), 1e-9)
-    lines.append(f"plain mount: first switch / second switch = {ratio:.2f}")
-    return "\n".join(lines)
-
-
-def format_ideal(cached: CaseResult, ideal: Ideal) -> str:
-    return "\n".join([
-        f"ideal first switches: {ideal.first_s:.2f} s (every byte once at the plain mount's "
-        f"best, {ideal.plain_best_bps / 1e6:,.0f} MB/s with 4 readers, then loads from memory); "
-        f"fusecache takes {cached.total('first_s') / ideal.first_s:.2f}x that",
-        f"ideal second switches: {ideal.second_s:.2f} s (the same loads from local files in "
-        f"the page cache, each right after fusecache's); fusecache takes "
-        f"{cached.total('second_s') / ideal.second_s:.2f}x that",
-        "  rounds, fusecache / local: " + ", ".join(
-            f"{f:.2f} / {loc:.2f} s" for f, loc in zip(_round_totals(cached),
-                                                      _round_totals(ideal.local), strict=True)),
-    ])
-
-
-def _round_totals(case: CaseResult) -> list[float]:
-    """Seconds of each round of second switches, all models."""
-    return [sum(r) for r in zip(*(s.second_runs for s in case.switches), strict=True)]
-
-
-def plot(cases: list[CaseResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(11, 5))
-    names = [s.model.split(".")[0][:18] for s in cases[0].switches]
-    width = 0.2
-    for i, (case, attr) in enumerate((c, a) for c in cases for a in ("first_s", "second_s")):
-        xs = [j + (i - 1.5) * width for j in range(len(names))]
-        ax.bar(xs, [getattr(s, attr) for s in case.switches], width,
-               label=f"{case.name} {'first' if attr == 'first_s' else 'second'} switch")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("seconds")
-    ax.set_title("Model switching: plain mount vs fusecache")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path,
-              mount_options: list[str], rate_mbps: int | None = None) -> int:
+              mount_options: list[str], rate_mbps: int | None = None,
+              verbose: bool = False) -> int:
     """Time first and second switches on the plain mount and through fusecache; 0 if done.
 
-    Without *source*, on the stand-in, capped at *rate_mbps* (default DEFAULT_RATE_MBPS).
+    Without *source*, on the stand-in, capped at *rate_mbps* (default
+    DEFAULT_RATE_MBPS), with a third case: fusecache reading the stand-in's
+    server directly (s3://). *verbose* adds the diagnostics.
     """
     rate_mbps = rate_mbps or DEFAULT_RATE_MBPS
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,25 +198,22 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
             source, counter = standin.mount, standin.bytes_sent
             ideal = measure_ideal(source, data / BUCKET, names)
         cases = [run_case("plain", source, names, counter)]
+        daemons = {}
         with fusecache_mount(source, mount_options) as mnt:
             cases.append(run_case("fusecache", mnt, names, counter, daemon=mnt, ideal=ideal,
                                   rounds=SECOND_ROUNDS))
-            daemon = daemon_stats(mnt)
-    table = format_table(cases, ideal.local if ideal else None) + (
-        f"\nfusecache daemon: served {_mb(daemon['served_memory'])} MB from memory, "
-        f"{_mb(daemon['served_disk'])} MB from disk, {_mb(daemon['served_lower'])} MB from "
-        f"below; {daemon['evictions']} memory evictions, "
-        f"{daemon['disk_writes_dropped']} disk writes dropped"
-        f"\nsecond switches: the daemon served {_mb(cases[1].daemon_served_second)} MB of "
-        f"{_mb(cases[1].total('size') or None)} MB; the kernel page cache the rest"
-        f"\ndirect reclaim during second switches (MB of pages scanned): " + ", ".join(
-            f"{c.name} {_mb(c.direct_reclaim_second * os.sysconf('SC_PAGE_SIZE'))}"
-            for c in cases)
-        + "; paged out by DAMON (the VM's proactive reclaim): " + ", ".join(
-            f"{c.name} {_mb(c.proactive_reclaim_second)}"
-            for c in cases))
+            daemons["fusecache"] = daemon_stats(mnt)
+        if ideal is not None:  # the stand-in: its server read directly
+            url, options, env = standin.direct()
+            with fusecache_mount(url, [*options, *mount_options], env=env) as mnt:
+                cases.append(run_case("direct", mnt, names, counter, daemon=mnt,
+                                      rounds=SECOND_ROUNDS))
+                daemons["direct"] = daemon_stats(mnt)
+    table = format_table(cases, ideal.local if ideal else None)
     if ideal is not None:
-        table += "\n" + format_ideal(cases[1], ideal)
+        table += "\n" + format_ideal(cases[1:], ideal)
+    if verbose:
+        table += "\n" + format_diagnostics(cases, daemons)
     print(table)
     result = {
         "command": " ".join(["fusecache", *sys.argv[1:]]),
@@ -282,14 +224,19 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
         "cases": [{"name": c.name, "daemon_served_second": c.daemon_served_second,
                    "direct_reclaim_second": c.direct_reclaim_second,
                    "proactive_reclaim_second": c.proactive_reclaim_second,
+                   "daemon_cpu_first": c.daemon_cpu_first,
+                   "daemon_cpu_second": c.daemon_cpu_second,
                    "switches": [asdict(s) for s in c.switches]} for c in cases],
-        "daemon_statistics": daemon,
+        "daemon_statistics": daemons,
         "ideal": None if ideal is None else {
             "plain_best_bps": ideal.plain_best_bps, "local": asdict(ideal.local),
             "first_s": ideal.first_s, "second_s": ideal.second_s},
         "table": table,
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
-    plot(cases, out_dir / "switching.png")
+    where = (f"the OSS stand-in at {rate_mbps} MB/s" if ideal is not None else str(source))
+    plot(cases, out_dir / "switching.png",
+         f"Model switching on {where}, models at scale {scale:g} of their real size",
+         ideal)
     progress(f"wrote {out_dir / 'result.json'} and {out_dir / 'switching.png'}")
     return 0

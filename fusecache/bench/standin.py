@@ -37,6 +37,29 @@ class StandinError(Exception):
 
 
 @dataclass
+class S3Server:
+    """`rclone serve s3` on loopback: the subdirectories of its root are buckets."""
+
+    port: int
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def pause(self) -> None:
+        """SIGSTOP the server: it keeps its port and takes connections, but answers nothing."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+            _wait_stopped(self.process.pid)
+
+    def resume(self) -> None:
+        """SIGCONT the server; harmless when it is not paused."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
+
+@dataclass
 class Standin:
     """A running stand-in: put objects under *bucket_dir*, read them under *mount*."""
 
@@ -45,22 +68,19 @@ class Standin:
     port: int
     capped: bool
     passwd_file: Path  # ACCESS_KEY:SECRET_KEY, for other clients of the same server
-    server: subprocess.Popen[bytes] = field(repr=False)  # rclone serve s3
+    server: S3Server = field(repr=False)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.url
 
     def pause_server(self) -> None:
         """SIGSTOP the server: it keeps its port and takes connections, but answers nothing."""
-        if self.server.poll() is None:
-            self.server.send_signal(signal.SIGSTOP)
-            _wait_stopped(self.server.pid)
+        self.server.pause()
 
     def resume_server(self) -> None:
         """SIGCONT the server; harmless when it is not paused."""
-        if self.server.poll() is None:
-            self.server.send_signal(signal.SIGCONT)
+        self.server.resume()
 
     @contextlib.contextmanager
     def server_paused(self) -> Iterator[None]:
@@ -70,6 +90,11 @@ class Standin:
             yield
         finally:
             self.resume_server()
+
+    def direct(self) -> tuple[str, list[str], dict[str, str]]:
+        """fusecache's s3:// source for this stand-in's server: URL, mount options, environment."""
+        return (f"s3://{BUCKET}", ["--endpoint", self.url],
+                {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
 
     def bytes_sent(self) -> int | None:
         """Bytes the server has sent since the cap was set up (None without a cap)."""
@@ -162,6 +187,32 @@ def _cap_port(port: int, rate_mbps: int) -> bool:
 
 
 @contextlib.contextmanager
+def running_s3_server(root: Path, etag_hash: str = "") -> Iterator[S3Server]:
+    """rclone serving *root*'s subdirectories as buckets on a free port; stopped on exit.
+
+    *etag_hash* "MD5" gives objects real ETags, at the cost of reading every file
+    the server lists.
+    """
+    port = _free_port()
+    process = subprocess.Popen(
+        # --etag-hash "": by default rclone reads whole files to MD5 them for
+        # every listing; OSS computes ETags at upload, so a read costs no hashing.
+        [rclone_exe(), "serve", "s3", "--addr", f"127.0.0.1:{port}",
+         "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--vfs-cache-mode", "off",
+         "--dir-cache-time", "1s", "--etag-hash", etag_hash, "--log-level", "ERROR",
+         str(root)],
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    server = S3Server(port, process)
+    try:
+        _wait_port(port, process)
+        yield server
+    finally:
+        server.resume()  # a paused server takes its SIGTERM only once continued
+        _stop(process)
+
+
+@contextlib.contextmanager
 def running_standin(
     data_dir: Path | None = None, rate_mbps: int = DEFAULT_RATE_MBPS
 ) -> Iterator[Standin]:
@@ -171,18 +222,8 @@ def running_standin(
         root = data_dir or work / "data"
         bucket_dir = root / BUCKET
         bucket_dir.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
-        server = subprocess.Popen(
-            # --etag-hash "": by default rclone reads whole files to MD5 them for
-            # every listing; OSS computes ETags at upload, so a read costs no hashing.
-            [rclone_exe(), "serve", "s3", "--addr", f"127.0.0.1:{port}",
-             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--vfs-cache-mode", "off",
-             "--dir-cache-time", "1s", "--etag-hash", "", "--log-level", "ERROR",
-             str(root)],
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        stack.callback(_stop, server)
-        _wait_port(port, server)
+        server = stack.enter_context(running_s3_server(root))
+        port = server.port
         capped = _cap_port(port, rate_mbps)
         if capped:
             stack.callback(_tc, "qdisc", "del", "dev", "lo", "root")

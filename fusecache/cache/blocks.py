@@ -20,7 +20,7 @@ from fusecache.cache.spill import SpillQueue
 from fusecache.config import CacheConfig, SourceConfig, memory_shares
 from fusecache.errors import LowerError
 from fusecache.lru import BlockKey
-from fusecache.source import LowerSource
+from fusecache.source_api import Source
 from fusecache.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class BlockCache:
     """
 
     def __init__(
-        self, config: CacheConfig, source: LowerSource, nursery: trio.Nursery,
+        self, config: CacheConfig, source: Source, nursery: trio.Nursery,
         disk: DiskTier | None = None, pool: BlockPool | None = None,
         threads: ThreadPolicy | None = None, budget: MemoryBudget | None = None,
     ) -> None:

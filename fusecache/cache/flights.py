@@ -18,7 +18,7 @@ from fusecache.cache.memory import MemoryTier
 from fusecache.cache.spill import SpillQueue
 from fusecache.errors import LowerError
 from fusecache.lru import BlockKey
-from fusecache.source import Identity, LowerSource, SourceUnavailable
+from fusecache.source_api import Identity, Source, SourceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Flights:
     lower fd stays open for it.
     """
 
-    def __init__(self, block_size: int, source: LowerSource, pool: BlockPool,
+    def __init__(self, block_size: int, source: Source, pool: BlockPool,
                  memory: MemoryTier, spill: SpillQueue | None, disk: DiskTier | None,
                  nursery: trio.Nursery, disk_readers: trio.CapacityLimiter) -> None:
         self._block_size = block_size

@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where result.json and switching.png go")
     b.add_argument("--mount-option", action="append", default=[], metavar="OPT",
                    help="extra option for the fusecache mount, e.g. --mount-option=--mem-cache=2G")
+    b.add_argument("-v", "--verbose", action="store_true",
+                   help="also print diagnostics: where the daemons' replies came from, reclaim")
     b.set_defaults(handler=handle)
 
 
@@ -71,7 +73,7 @@ def handle(args: argparse.Namespace) -> int:
     _check_out(args.out)
     _check_mount_options(args.mount_option)
     return run_bench(args.source, names, args.scale, args.out, args.mount_option,
-                     rate_mbps=args.rate)
+                     rate_mbps=args.rate, verbose=args.verbose)
 
 
 def _check_out(out: Path) -> None:

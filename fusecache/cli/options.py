@@ -27,6 +27,8 @@ from fusecache.config import (
     memory_limit,
 )
 from fusecache.daemon import runtime_dir, runtime_dir_problem
+from fusecache.objectstore import options as store_options
+from fusecache.objectstore.location import LocationError, StoreLocation
 
 BLOCK = CacheConfig.block_size
 # Four blocks: a kernel read touches at most two, and read-ahead needs room for
@@ -95,6 +97,15 @@ def add_mount_options(parser: argparse.ArgumentParser) -> None:
                    f"{logs.LOG_FILES - 1} older files (FILE.1, ...); its directory must exist "
                    f"(default: {runtime_dir()}/<mountpoint>.log, printed on mount)")
     m.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    store_options.add_arguments(m)
+
+
+def store_location(args: argparse.Namespace) -> StoreLocation | None:
+    """The bucket a mount reads directly, or None for a directory SOURCE; UsageError if bad."""
+    try:
+        return store_options.location_of(args)
+    except LocationError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_mount_options(args: argparse.Namespace) -> None:
@@ -109,7 +120,9 @@ def check_mount_options(args: argparse.Namespace) -> None:
                          f"{FUSE_CONF}")
     if args.disk_cache:
         try:
-            cachedir.check(cache_dir(args), args.source, args.mountpoint)
+            # A bucket has no directory for the cache dir to keep out of.
+            source = args.mountpoint if store_location(args) else args.source
+            cachedir.check(cache_dir(args), source, args.mountpoint)
         except cachedir.CacheDirError as exc:
             raise UsageError(str(exc)) from None
 
@@ -152,7 +165,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
     mem = args.mem_cache if args.mem_cache is not None else memory_limit() // 4
     logging.getLogger(__name__).debug("memory cache %s", format_size(mem))
     return MountConfig(
-        source=args.source.resolve(),
+        source=store_location(args) or args.source.resolve(),
         mountpoint=args.mountpoint.resolve(),
         cache=replace(CacheConfig(), mem_bytes=mem, fetch_size=args.fetch_size,
                       cache_dir=cache_dir(args).resolve(), disk_bytes=args.disk_cache),
@@ -161,7 +174,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
                        congestion_threshold=max(1, args.max_background * 3 // 4),
                        attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout),
         lower=replace(SourceConfig(), readahead_threads=args.parallel,
-                      timeout=args.source_timeout),
+                      timeout=args.source_timeout, list_ttl=args.list_ttl),
         readahead=replace(ReadaheadConfig(), sha256=args.sha256,
                           feed_page_cache=args.feed_page_cache),
         allow_other=os.geteuid() == 0 if args.allow_other is None else args.allow_other,

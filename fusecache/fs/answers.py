@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import trio
 
 from fusecache.errors import PASSTHROUGH_ERRNOS, FsError, LowerError
-from fusecache.source import LowerSource
+from fusecache.source_api import Source
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def log_no_answer(what: str, exc: Exception) -> None:
 class KnownAnswers:
     """The lower mount's last answer to each question, and the questions under way."""
 
-    def __init__(self, source: LowerSource, nursery: trio.Nursery) -> None:
+    def __init__(self, source: Source, nursery: trio.Nursery) -> None:
         self._source = source
         self._nursery = nursery
         self._stale_after = source.stale_after

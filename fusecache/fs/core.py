@@ -29,7 +29,7 @@ from fusecache.fs.readonce import SHA256_XATTR, ReadOnce
 from fusecache.fs.stats import daemon_counters
 from fusecache.fs.versions import Versions
 from fusecache.readahead import SequentialStream
-from fusecache.source import LowerSource, version_of
+from fusecache.source_api import Source, version_of
 
 ROOT_INODE = 1  # the FUSE protocol's fixed root inode
 # `getfattr -n user.fusecache.stats MOUNTPOINT` prints the daemon's counters as JSON.
@@ -85,7 +85,7 @@ class FilesystemCore:
 
     def __init__(
         self,
-        source: LowerSource,
+        source: Source,
         cache: BlockCache,
         nursery: trio.Nursery,
         invalidate: Callable[[int], None] = lambda ino: None,

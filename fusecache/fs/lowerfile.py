@@ -9,7 +9,7 @@ from types import TracebackType
 import trio
 
 from fusecache.errors import LowerError
-from fusecache.source import Identity, LowerSource
+from fusecache.source_api import Identity, Source
 
 
 class LowerFile:
@@ -25,7 +25,7 @@ class LowerFile:
     any `CachedFile`, calls `pin`/`unpin` itself.
     """
 
-    def __init__(self, ident: Identity, source: LowerSource, nursery: trio.Nursery):
+    def __init__(self, ident: Identity, source: Source, nursery: trio.Nursery):
         self.fd: int | None = None
         self.ident = ident
         self.key: Hashable = ident.key()

@@ -14,7 +14,7 @@ from fusecache.fs.answers import Asking, KnownAnswers, log_no_answer, unavailabl
 from fusecache.fs.lowerfile import LowerFile, Pin
 from fusecache.fs.pagecache import PageCache
 from fusecache.fs.versions import Versions
-from fusecache.source import Identity, LowerSource, Version
+from fusecache.source_api import Identity, Source, Version
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Opener:
 
     def __init__(
         self,
-        source: LowerSource,
+        source: Source,
         nursery: trio.Nursery,
         answers: KnownAnswers,
         pagecache: PageCache,

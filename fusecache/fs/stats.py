@@ -9,10 +9,10 @@ from fusecache.cache.blocks import BlockCache
 from fusecache.cache.disk import DiskStatistics
 from fusecache.cache.passes import FilePasses
 from fusecache.fs.answers import KnownAnswers
-from fusecache.source import LowerSource
+from fusecache.source_api import Source
 
 
-def daemon_counters(read_requests: int, source: LowerSource, cache: BlockCache,
+def daemon_counters(read_requests: int, source: Source, cache: BlockCache,
                     passes: FilePasses, answers: KnownAnswers) -> dict[str, int]:
     """Every counter of the daemon, flat, for stats output."""
     src = source.statistics()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fusecache.fs.lowerfile import LowerFile
-from fusecache.source import Version
+from fusecache.source_api import Version
 
 
 class Versions:

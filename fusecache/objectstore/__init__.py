@@ -1,0 +1,1 @@
+"""Reading a bucket directly (s3://, oss://): its address, its listings, its source."""
