@@ -70,12 +70,30 @@ class Flights:
         self.lower_reads = 0
         self.lower_bytes = 0
         self.lower_errors = 0
+        # Read-ahead's blocks from below, and those a reader (or the kernel's page
+        # cache, fed) took before they left memory: the stats' fetched against used.
+        self.readahead_bytes = 0
+        self.readahead_used = 0
+        self._unused_ahead: dict[BlockKey, int] = {}
 
     def __len__(self) -> int:
         return len(self._inflight)
 
     def get(self, key: BlockKey) -> Flight | None:
         return self._inflight.get(key)
+
+    def used(self, key: BlockKey) -> None:
+        """A block was taken (read, fed or hashed): count it as used if read-ahead brought it."""
+        self.readahead_used += self._unused_ahead.pop(key, 0)
+
+    def unused(self, key: BlockKey) -> None:
+        """A block left memory: if read-ahead brought it and nobody took it, it never will be."""
+        self._unused_ahead.pop(key, None)
+
+    def forget_file(self, file_key: Hashable) -> None:
+        """A file's blocks are dropped: none of its read-ahead will be used now."""
+        for key in [k for k in self._unused_ahead if k[0] == file_key]:
+            del self._unused_ahead[key]
 
     def any(self) -> Flight | None:
         """Some flight under way, or None."""
@@ -157,6 +175,10 @@ class Flights:
                                                     readahead)
             self.lower_reads += 1
             self.lower_bytes += sum(len(b) for b in blocks)
+            if readahead:
+                self.readahead_bytes += sum(len(b) for b in blocks)
+                self._unused_ahead.update((k, len(b)) for k, b in zip(keys, blocks,
+                                                                    strict=False))
             if [len(b) for b in blocks] != sizes:
                 error = f"{f.display}: lower file is shorter than its size said (changed?)"
         except (OSError, LowerError) as exc:
