@@ -22,6 +22,7 @@ from fusecache.config import MountConfig
 from fusecache.errors import FsError
 from fusecache.fs.core import FilesystemCore
 from fusecache.fuse_ops import FuseOperations
+from fusecache.metrics import MetricsServer, on_trio_loop
 from fusecache.source import LowerSource
 from fusecache.threads import ThreadPolicy
 
@@ -71,6 +72,7 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
                               invalidate=pyfuse3.invalidate_inode, store=store,
                               parallel=config.lower.readahead_threads)
         ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
+        metrics = _start_metrics(config, core)
         options = set(pyfuse3.default_options)
         options |= {"ro", "subtype=fusecache", f"fsname={config.source}"}
         if config.allow_other:
@@ -78,6 +80,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         try:
             pyfuse3.init(ops, str(config.mountpoint), options)
         except RuntimeError as exc:
+            if metrics is not None:
+                metrics.stop()
             raise MountError(f"cannot mount at {config.mountpoint}: {exc}") from None
         try:
             with trio.CancelScope() as requests:
@@ -89,10 +93,28 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
             with trio.CancelScope(shield=True):
                 await core.end_page_cache_calls(PAGE_CACHE_GRACE)
             pyfuse3.close(unmount=True)
+            if metrics is not None:  # waits for its loop's next turn, at most 0.5 s
+                metrics.stop()
         log.info("unmounted %s", config.mountpoint)
         with trio.move_on_after(config.cache.flush_on_unmount):
             await cache.flush_to_disk()
         nursery.cancel_scope.cancel()
+
+
+def _start_metrics(config: MountConfig, core: FilesystemCore) -> MetricsServer | None:
+    """Serve --metrics, before anything is mounted: a port taken meanwhile fails the mount."""
+    if config.metrics is None:
+        return None
+    server = MetricsServer(config.metrics,
+                           on_trio_loop(core.statistics, trio.lowlevel.current_trio_token()))
+    try:
+        server.start()
+    except OSError as exc:
+        host, port = config.metrics
+        raise MountError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+                         ) from None
+    log.info("serving metrics at http://%s:%d/metrics", *config.metrics)
+    return server
 
 
 async def _stop_on_signals(core: FilesystemCore, requests: trio.CancelScope) -> None:
