@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from fusecache import __version__, blockio, cachedir, logs
+from fusecache import __version__, blockio, cachedir, logs, metrics, statscmd, warm
 from fusecache.config import (
     CacheConfig,
     KernelConfig,
@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"daemon log, rotated at {format_size(logs.LOG_BYTES)}, keeping "
                    f"{logs.LOG_FILES - 1} older files (FILE.1, ...) (default: "
                    "RUNTIME_DIR/<mountpoint>.log, printed on mount)")
+    m.add_argument("--metrics", type=metrics.address, default=None, metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics (fusecache_*) over HTTP at HOST:PORT; a "
+                   f"bare PORT is on {metrics.DEFAULT_HOST} (default: off)")
     m.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
     b = sub.add_parser(
@@ -182,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount and wait for the daemon to exit",
                        description="Unmount a fusecache mount and wait for its daemon to exit.")
     u.add_argument("mountpoint", type=Path)
+    warm.add_parser(sub)
+    statscmd.add_parser(sub)
     return parser
 
 
@@ -261,6 +266,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         readahead=replace(ReadaheadConfig(), sha256=args.sha256,
                           feed_page_cache=args.feed_page_cache),
         allow_other=os.geteuid() == 0 if args.allow_other is None else args.allow_other,
+        metrics=args.metrics,
     )
 
 
@@ -286,6 +292,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "command_main"):  # a command in its own module (warm, stats)
+        return int(args.command_main(args))
     try:
         if args.command == "mount":
             return _mount(args)
