@@ -12,7 +12,7 @@ from typing import cast
 import pyfuse3
 import trio
 
-from fusecache import fuse_tuning
+from fusecache import fuse_tuning, logrepeats, stackdump
 from fusecache.blockio import Block
 from fusecache.cache.blocks import BlockCache
 from fusecache.cache.budget import MemoryBudget
@@ -62,6 +62,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
             raise MountError(f"cannot use cache dir {config.cache.cache_dir}: {exc}") from None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(source.run)
+        nursery.start_soon(logrepeats.summarise_every)
+        nursery.start_soon(stackdump.dump_stacks_on_sigusr1)
         cache = BlockCache(config.cache, source, nursery, disk, threads=threads,
                            budget=MemoryBudget(config.memory_shares))
         # notify_store takes any buffer (it gets a Py_buffer), whatever its stub says.

@@ -17,10 +17,12 @@ from fusecache.cache.disk import DiskTier
 from fusecache.cache.memory import MemoryTier
 from fusecache.cache.spill import SpillQueue
 from fusecache.errors import LowerError
+from fusecache.logrepeats import RepeatedLog
 from fusecache.lru import BlockKey
 from fusecache.source import Identity, LowerSource, SourceUnavailable
 
 log = logging.getLogger(__name__)
+repeats = RepeatedLog(log)  # a broken file fails every read of it
 
 
 class CachedFile(Protocol):
@@ -152,7 +154,8 @@ class Flights:
             f.unpin()
             raise
         except Exception:  # a bug or an odd file system: a miss, never a dead daemon
-            log.exception("%s: reading block %d from the disk cache failed", f.display, idx)
+            repeats.log(logging.ERROR, "%s: reading block %d from the disk cache failed",
+                        f.display, idx, exc_info=True)
             data = None
         if data is None:  # the pin passes to _fetch, which releases it
             flight.from_disk = False
@@ -192,7 +195,10 @@ class Flights:
                 error = f"{f.display}: lower read at {first * bs} did not complete"
             if error is not None:
                 self.lower_errors += 1
-                log.log(logging.DEBUG if quiet else logging.ERROR, "%s", error)
+                if quiet:
+                    log.debug("%s", error)
+                else:
+                    repeats.log(logging.ERROR, "%s", error)
             self._release(keys, flights, blocks if error is None else None, error)
             f.unpin()
 
