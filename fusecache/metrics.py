@@ -71,6 +71,7 @@ GAUGES = {
     "memory_mapped": ("memory_mapped_bytes", "block memory the daemon holds (C pool only)"),
     "disk_used": ("disk_used_bytes", "bytes in the disk cache"),
     "disk_capacity": ("disk_capacity_bytes", "the disk cache's limit"),
+    "cache_capacity": ("cache_capacity_bytes", "what memory and disk can keep of files"),
     "disk_full_now": ("disk_full", "1 while the disk cache does not write"),
     "fetches_in_flight": ("fetches_in_flight", "blocks on their way from below or from disk"),
     "background_jobs": ("background_jobs", "whole-file fetches and hashes under way"),

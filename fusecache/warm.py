@@ -137,7 +137,7 @@ def _over_capacity(files: list[_File], stats: dict[Path, dict[str, int]]) -> lis
     """
     skipped: list[_File] = []
     for mount, s in stats.items():
-        capacity = s["memory_capacity"] + s["disk_capacity"]
+        capacity = s["cache_capacity"]
         mine = [f for f in files if f.mount == mount]
         total = sum(f.size for f in mine)
         if total <= capacity:
@@ -151,8 +151,8 @@ def _over_capacity(files: list[_File], stats: dict[Path, dict[str, int]]) -> lis
                 f.state, f.error = "failed", "does not fit in the caches with the files before it"
                 skipped.append(f)
         print(f"fusecache: warm: the {len(mine)} files under {mount} take "
-              f"{format_size(total)}, more than its caches hold ({format_size(capacity)}: "
-              f"memory {format_size(s['memory_capacity'])} + disk "
+              f"{format_size(total)}, more than its caches keep ({format_size(capacity)}: "
+              f"memory {format_size(capacity - s['disk_capacity'])} + disk "
               f"{format_size(s['disk_capacity'])}); warming {len(fits)} of them "
               f"({format_size(capacity - room)}), not the other {len(skipped)}",
               file=sys.stderr)

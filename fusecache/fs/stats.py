@@ -25,6 +25,9 @@ def daemon_counters(read_requests: int, source: LowerSource, cache: BlockCache,
     return {"read_requests": read_requests,
             "served_bytes": blocks.served_memory + blocks.served_disk + blocks.served_lower,
             "fed_bytes": fed_bytes,
+            # What the caches can keep (the LRU without its passing part, and the disk):
+            # a set of files bigger than this cannot all be warm at once.
+            "cache_capacity": cache.capacity + (cache.disk.capacity if cache.disk else 0),
             **dataclasses.asdict(blocks),
             "background_jobs": passes.underway,  # whole-file fetches and hashes, now
             "source_healthy": int(src.healthy),

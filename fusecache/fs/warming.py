@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -33,6 +34,10 @@ WARM_XATTR = b"user.fusecache.warm"
 # fell behind and dropped them, or memory was full); once more brings back what
 # was dropped, a second loss means the cache cannot keep the file.
 FILLS = 2
+# An ended warm answers as such for this long, then is forgotten: os.getxattr asks
+# twice (the size, then the value), and the asker's next poll comes within 0.2 s.
+# The next `fusecache warm` after that looks at the cache again.
+ENDED_KEPT = 2.0
 
 
 @dataclass
@@ -43,7 +48,7 @@ class _Warm:
     blocks: int
     counted: int = 0  # blocks [0, counted) were found here; fills go in file order
     error: str | None = None
-    ended: bool = False
+    ended: float | None = None  # when it ended (trio.current_time)
 
 
 class Warming:
@@ -58,15 +63,18 @@ class Warming:
         self._nursery = nursery
         self._timeout = timeout
         self._warms: dict[Hashable, _Warm] = {}
+        self._forgotten_at = -math.inf
 
     async def progress(self, ino: int, path: bytes) -> bytes:
         """Start warming the file *ino* unless it is under way; its progress as JSON.
 
-        An ended warm is reported once, then forgotten: the next ask (the next
-        `fusecache warm`) looks at the cache again, and fills what is missing.
+        An ended warm is reported for ENDED_KEPT seconds, then forgotten: a later
+        ask (the next `fusecache warm`) looks at the cache again, and fills what
+        is missing.
         """
         if self._versions.shown(ino) is None:  # only regular files have their version noted
             raise FsError(errno.ENODATA)
+        self._forget_ended()
         pin, _ = await self._opener.open(ino, path)
         f = pin.file
         warm = self._warms.get(f.key)
@@ -76,12 +84,20 @@ class Warming:
         else:
             pin.release()
         self._count(f, warm)
-        if warm.ended:
-            del self._warms[f.key]
-        state = "failed" if warm.error else "cached" if warm.ended else "warming"
+        state = "failed" if warm.error else "warming" if warm.ended is None else "cached"
         return json.dumps({"state": state, "size": warm.size,
                            "cached": min(warm.counted * self._cache.block_size, warm.size),
                            "error": warm.error, "timeout": self._timeout}).encode()
+
+    def _forget_ended(self) -> None:
+        """Forget the warms that ended over ENDED_KEPT s ago (a look each ENDED_KEPT s)."""
+        now = trio.current_time()
+        if now - self._forgotten_at < ENDED_KEPT:
+            return
+        self._forgotten_at = now
+        for key, warm in list(self._warms.items()):
+            if warm.ended is not None and now - warm.ended > ENDED_KEPT:
+                del self._warms[key]
 
     def _count(self, f: LowerFile, warm: _Warm) -> None:
         """Move the count over the blocks now here, from where it stopped."""
@@ -108,7 +124,7 @@ class Warming:
                 log.exception("%s: warming failed", f.display)
                 warm.error = f"warming failed: {exc!r}"
             finally:
-                warm.ended = True
+                warm.ended = trio.current_time()
                 if warm.error is None:
                     warm.counted = warm.blocks
 
