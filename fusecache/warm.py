@@ -189,7 +189,7 @@ def _warm_all(files: list[_File], parallel: int, progress: Progress) -> None:
                              + (f": {f.error}" if f.error else ""))
         done = sum(f.cached for f in files)
         if len(reported) == len(files):
-            progress.close(done, f"{len(files)} files")
+            progress.close(done, f"{len(files)} file{'s' if len(files) != 1 else ''}")
             return
         progress.update(done, f"{len(reported)} of {len(files)} files")
         time.sleep(POLL / 2)
