@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from fusecache.config import MiB
+from fusecache.errors import FsError
+from fusecache.fs.core import ROOT_INODE, FilesystemCore
 from fusecache.fs.warming import WARM_XATTR
 from tests.conftest import fusecache_cmd, needs_fuse
 from tests.faultfs import FaultFSController
@@ -142,3 +146,58 @@ def test_warm_of_a_hung_lower_mount_ends(faultfs: FaultFSController, mount_facto
     assert proc.returncode == 1
     assert f"fusecache: not cached: {m.mnt / 'f.bin'}: " in proc.stderr
     assert "no answer from the lower mount in 1 s" in proc.stderr
+
+
+@pytest.mark.core
+async def test_the_warm_xattr_in_the_core(core: FilesystemCore, tmp_path: Path) -> None:
+    write_ramp(tmp_path / "src" / "f.bin", 3 * MiB + 7, seed=9)
+    ino = (await core.lookup(ROOT_INODE, b"f.bin")).ino
+    answers = []
+    with trio.fail_after(10):
+        while not answers or answers[-1]["state"] == "warming":
+            answers.append(json.loads(await core.getxattr(ino, WARM_XATTR)))
+            await trio.sleep(0.01)
+    assert answers[-1]["state"] == "cached" and answers[-1]["cached"] == 3 * MiB + 7
+    assert all(a["cached"] <= b["cached"] for a, b in zip(answers, answers[1:], strict=False))
+    assert core.statistics()["lower_bytes"] == 3 * MiB + 7
+    fh, _ = await core.open(ino, os.O_RDONLY)
+    assert bytes(await core.read(fh, 0, 3 * MiB + 7)) == ramp(0, 3 * MiB + 7, seed=9)
+    core.release(fh)
+    stats = core.statistics()
+    assert stats["lower_bytes"] == 3 * MiB + 7, "read from memory, not from below again"
+    assert stats["served_bytes"] == stats["served_memory"] == 3 * MiB + 7
+    assert stats["readahead_bytes"] == stats["readahead_used_bytes"] == 3 * MiB + 7
+    with pytest.raises(FsError):
+        await core.getxattr(ROOT_INODE, WARM_XATTR)  # a directory
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_warm_draws_a_bar_on_a_terminal(tmp_path: Path, mount_factory) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    write_ramp(src / "f.bin", 4 * MiB, seed=1)
+    m = mount_factory(src)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fusecache", "warm", str(m.mnt)],
+                              stderr=follower, stdout=subprocess.PIPE, timeout=60, check=False)
+        os.close(follower)
+        follower = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert proc.returncode == 0
+    text = out.decode()
+    assert "\r" in text and "warm [##############################] 4.0 MiB of 4.0 MiB" in text
+    assert "warm: 1 of 1 files cached" in text
