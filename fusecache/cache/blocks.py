@@ -288,11 +288,10 @@ class BlockCache:
         block = self._memory.get(key)
         if block is None or self._memory.kernel_holds(key, len(block)):
             return  # gone already (evicted, handed on), or the kernel read all of it
-        if not await feed(idx, block):
-            return
-        self._flights.used(key)
-        if self._disk is not None:
-            self._served(key, 0, len(block), len(block))
+        if await feed(idx, block):
+            self._flights.used(key)
+            if self._disk is not None:
+                self._served(key, 0, len(block), len(block))
 
     # --- the disk tier -----------------------------------------------------
 
