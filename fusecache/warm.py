@@ -78,8 +78,13 @@ def _positive_int(text: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    return warm(args.paths, args.parallel)
+
+
+def warm(paths: list[Path], parallel: int = PARALLEL) -> int:
+    """Warm *paths*, *parallel* files at a time, reporting on stderr; the exit code."""
     try:
-        files = _collect(args.paths)
+        files = _collect(paths)
     except mounted.NotMounted as exc:
         print(f"fusecache: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -92,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     todo = [f for f in files if f not in skipped]
     progress = Progress(sys.stderr, sys.stderr.isatty(), sum(f.size for f in todo), "warm")
     start = time.monotonic()
-    _warm_all(todo, args.parallel, progress)
+    _warm_all(todo, parallel, progress)
     failed = [f for f in files if f.state != "cached"]
     moved = sum(mounted.read_stats(m)["lower_bytes"] - s["lower_bytes"]
                 for m, s in before.items())

@@ -91,3 +91,26 @@ def test_sigusr1_writes_every_stack_to_the_log(tmp_path: Path, mount_factory) ->
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert (m.mnt / "f").read_bytes() == b"hello"
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_a_broken_lower_file_is_logged_once_per_kind(faultfs, mount_factory) -> None:
+    from tests.ramp import write_ramp
+
+    write_ramp(faultfs.backing / "a.bin", 5 * 2**20, seed=1)
+    m = mount_factory(faultfs.mount)
+    faultfs.set(eio="read")
+    for offset in range(0, 5 * 2**20, 2**20):  # every read fails: five requests, and retries
+        with open(m.mnt / "a.bin", "rb", buffering=0) as f, pytest.raises(OSError):
+            os.pread(f.fileno(), 4096, offset)
+    faultfs.clear()
+    m.unmount()  # the counts still open are logged at unmount
+    text = (m.mnt.parent / "fusecache.log").read_text()
+    for who in ("fusecache.cache.flights", "fusecache.fuse_ops"):  # the fetch, the handler
+        said = [line.split(f"ERROR {who}: ", 1)[1] for line in text.splitlines()
+                if f"ERROR {who}: " in line]
+        assert len(said) == 2, text  # the first failure in full, then the count
+        assert "a.bin: lower read at 0 failed" in said[0]
+        count, rest = said[1].split(" ", 1)
+        assert int(count) >= 4 and rest.startswith("more like this in the last"), said
