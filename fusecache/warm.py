@@ -88,23 +88,28 @@ def warm(paths: list[Path], parallel: int = PARALLEL) -> int:
     except mounted.NotMounted as exc:
         print(f"fusecache: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # the lower mount failed a listing or a stat
+        print(f"fusecache: cannot list {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
     try:
         before = {m: mounted.read_stats(m) for m in {f.mount for f in files}}
     except mounted.NoAnswer as exc:
         print(f"fusecache: {exc}", file=sys.stderr)
         return 1
-    skipped = _over_capacity(files, before)
-    todo = [f for f in files if f not in skipped]
+    _over_capacity(files, before)
+    todo = [f for f in files if f.state != "failed"]
     progress = Progress(sys.stderr, sys.stderr.isatty(), sum(f.size for f in todo), "warm")
     start = time.monotonic()
     _warm_all(todo, parallel, progress)
     failed = [f for f in files if f.state != "cached"]
-    moved = sum(mounted.read_stats(m)["lower_bytes"] - s["lower_bytes"]
-                for m, s in before.items())
+    try:
+        moved = format_size(sum(mounted.read_stats(m)["lower_bytes"] - s["lower_bytes"]
+                                for m, s in before.items()))
+    except mounted.NoAnswer:  # the daemon went away meanwhile: its files are named below
+        moved = "an unknown amount"
     progress.say(f"warm: {len(files) - len(failed)} of {len(files)} files cached "
                  f"({format_size(sum(f.cached for f in todo))}) in "
-                 f"{time.monotonic() - start:.1f} s; {format_size(moved)} read from the "
-                 "lower mount")
+                 f"{time.monotonic() - start:.1f} s; {moved} read from the lower mount")
     for f in failed:
         print(f"fusecache: not cached: {f.path}: {f.error}", file=sys.stderr)
     return 1 if failed else 0
@@ -135,19 +140,20 @@ def _walk(path: Path) -> Iterator[str]:
             yield os.path.join(root, name)
 
 
-def _over_capacity(files: list[_File], stats: dict[Path, dict[str, int]]) -> list[_File]:
-    """Say up front when a mount's files do not fit its caches; the files left out.
+def _over_capacity(files: list[_File], stats: dict[Path, dict[str, int]]) -> None:
+    """Say up front when a mount's files do not fit its caches.
 
     The files that fit, in the order given, are warmed; the rest fail at once.
     """
-    skipped: list[_File] = []
     for mount, s in stats.items():
         capacity = s["cache_capacity"]
         mine = [f for f in files if f.mount == mount]
         total = sum(f.size for f in mine)
         if total <= capacity:
             continue
-        room, fits = capacity, []
+        room = capacity
+        fits: list[_File] = []
+        skipped: list[_File] = []
         for f in mine:
             if f.size <= room:
                 room -= f.size
@@ -161,7 +167,6 @@ def _over_capacity(files: list[_File], stats: dict[Path, dict[str, int]]) -> lis
               f"{format_size(s['disk_capacity'])}); warming {len(fits)} of them "
               f"({format_size(capacity - room)}), not the other {len(skipped)}",
               file=sys.stderr)
-    return skipped
 
 
 def _warm_all(files: list[_File], parallel: int, progress: Progress) -> None:
