@@ -57,6 +57,10 @@ def _count(text: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.count is not None and args.watch is None:
+        print("fusecache: --count counts the reports of --watch; give --watch too",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         mount = mounted.mount_of(args.mountpoint)
     except mounted.NotMounted as exc:

@@ -85,8 +85,10 @@ def test_stats_watch_prints_rates(read_once) -> None:
     assert {"interval", "served_bytes_per_s", "lower_bytes_per_s", "lower_bytes"} <= set(row)
 
 
-@pytest.mark.parametrize("bad", ["0", "-1", "soon", "inf"])
-def test_stats_watch_refuses_a_bad_interval(read_once, bad: str) -> None:
-    res = fusecache_cmd("stats", str(read_once.mnt), "--watch", bad)
+@pytest.mark.parametrize("bad", [["--watch", "0"], ["--watch", "-1"], ["--watch", "soon"],
+                                 ["--watch", "inf"], ["--count", "2"],
+                                 ["--watch", "1", "--count", "0"]])
+def test_stats_refuses_a_bad_watch(read_once, bad: list[str]) -> None:
+    res = fusecache_cmd("stats", str(read_once.mnt), *bad)
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1
