@@ -39,7 +39,7 @@ def test_the_metrics_address() -> None:
     assert metrics.address(str(port)) == ("127.0.0.1", port), "a bare port is loopback"
     assert metrics.address(f"127.0.0.1:{port}") == ("127.0.0.1", port)
     assert metrics.address(f"[::1]:{port}")[1] == port
-    for bad in ("", "0", "65536", "abc", "localhost:", ":9100", "no-such-host.invalid:9100"):
+    for bad in ("", "0", "65536", "abc", "localhost:", ":9100", "127.0.0.1:x"):
         with pytest.raises(argparse.ArgumentTypeError):
             metrics.address(bad)
 
