@@ -252,6 +252,8 @@ class MountConfig:
     kernel: KernelConfig = KernelConfig()
     readahead: ReadaheadConfig = ReadaheadConfig()
     allow_other: bool = False
+    # --metrics: where the daemon serves Prometheus text (host, port); None: nowhere.
+    metrics: tuple[str, int] | None = None
 
     @property
     def memory_shares(self) -> MemoryShares:

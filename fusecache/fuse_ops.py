@@ -12,9 +12,11 @@ import pyfuse3
 
 from fusecache.errors import errno_for
 from fusecache.fs.core import Attr, FilesystemCore
+from fusecache.logrepeats import RepeatedLog
 from fusecache.source_api import SourceUnavailable
 
 log = logging.getLogger(__name__)
+repeats = RepeatedLog(log)  # a reader retries a read that failed, and so on
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -36,8 +38,8 @@ def _fuse_errors(
             if isinstance(exc, SourceUnavailable):  # the source logs its outage once
                 log.debug("%s%r failed: %s", fn.__name__, args[1:], exc)
             elif err == errno.EIO:
-                log.error("%s%r failed: %s", fn.__name__, args[1:], exc,
-                          exc_info=not isinstance(exc, OSError))
+                repeats.log(logging.ERROR, "%s%r failed: %s", fn.__name__, args[1:], exc,
+                            exc_info=not isinstance(exc, OSError))
             raise pyfuse3.FUSEError(err) from None
 
     return handler

@@ -13,7 +13,7 @@ from typing import cast
 import pyfuse3
 import trio
 
-from fusecache import fuse_tuning
+from fusecache import fuse_tuning, logrepeats, stackdump
 from fusecache.blockio import Block
 from fusecache.cache.blocks import BlockCache
 from fusecache.cache.budget import MemoryBudget
@@ -23,6 +23,7 @@ from fusecache.config import MountConfig
 from fusecache.errors import FsError
 from fusecache.fs.core import FilesystemCore
 from fusecache.fuse_ops import FuseOperations
+from fusecache.metrics import MetricsServer, on_trio_loop
 from fusecache.objectstore.location import LocationError, open_client
 from fusecache.objectstore.source import ObjectSource
 from fusecache.source import LowerSource
@@ -67,6 +68,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
                              f"{exc.strerror or exc}{where}") from None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(source.run)
+        nursery.start_soon(logrepeats.summarise_every)
+        nursery.start_soon(stackdump.dump_stacks_on_sigusr1)
         cache = BlockCache(config.cache, source, nursery, disk, threads=threads,
                            budget=MemoryBudget(config.memory_shares))
         # notify_store takes any buffer (it gets a Py_buffer), whatever its stub says.
@@ -77,6 +80,7 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
                               invalidate=pyfuse3.invalidate_inode, store=store,
                               parallel=config.lower.readahead_threads)
         ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
+        metrics = _start_metrics(config, core)
         options = set(pyfuse3.default_options)
         options |= {"ro", "subtype=fusecache", f"fsname={config.source}"}
         if config.allow_other:
@@ -84,6 +88,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         try:
             pyfuse3.init(ops, str(config.mountpoint), options)
         except RuntimeError as exc:
+            if metrics is not None:
+                metrics.stop()
             raise MountError(f"cannot mount at {config.mountpoint}: {exc}") from None
         try:
             with trio.CancelScope() as requests:
@@ -95,6 +101,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
             with trio.CancelScope(shield=True):
                 await core.end_page_cache_calls(PAGE_CACHE_GRACE)
             pyfuse3.close(unmount=True)
+            if metrics is not None:  # waits for its loop's next turn, at most 0.5 s
+                metrics.stop()
         log.info("unmounted %s", config.mountpoint)
         with trio.move_on_after(config.cache.flush_on_unmount):
             await cache.flush_to_disk()
@@ -110,6 +118,22 @@ def _source(config: MountConfig, threads: ThreadPolicy) -> Source:
     except LocationError as exc:
         raise MountError(str(exc)) from None
     return ObjectSource(client, config.source, config.lower, threads, config.cache.block_size)
+
+
+def _start_metrics(config: MountConfig, core: FilesystemCore) -> MetricsServer | None:
+    """Serve --metrics, before anything is mounted: a port taken meanwhile fails the mount."""
+    if config.metrics is None:
+        return None
+    server = MetricsServer(config.metrics,
+                           on_trio_loop(core.statistics, trio.lowlevel.current_trio_token()))
+    try:
+        server.start()
+    except OSError as exc:
+        host, port = config.metrics
+        raise MountError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+                         ) from None
+    log.info("serving metrics at http://%s:%d/metrics", *config.metrics)
+    return server
 
 
 async def _stop_on_signals(core: FilesystemCore, requests: trio.CancelScope) -> None:

@@ -22,14 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from fusecache.cli import command_names
 from tests.conftest import force_unmount, fusecache_cmd, needs_fuse
 from tests.ramp import ramp
 
 ROOT = Path(__file__).resolve().parent.parent
 FUSECACHE = Path(sys.executable).parent / "fusecache"  # the console script, as in the image
-needs_warm = pytest.mark.skipif("warm" not in command_names(),
-                                reason="`fusecache warm` is not on this branch yet (part B)")
 
 
 def dockerfile_instruction(name: str) -> list[str]:
@@ -172,7 +169,6 @@ def test_a_flag_wins_over_the_environment(entrypoint: Entrypoint) -> None:
 
 @pytest.mark.mount
 @needs_fuse
-@needs_warm
 def test_warm_wait_fetches_before_command(entrypoint: Entrypoint) -> None:
     (entrypoint.src / "model.bin").write_bytes(ramp(0, 4 << 20, seed=2))
     stats = (f"import os, json; s = json.loads(os.getxattr({str(entrypoint.mnt)!r}, "
@@ -185,7 +181,6 @@ def test_warm_wait_fetches_before_command(entrypoint: Entrypoint) -> None:
 
 @pytest.mark.mount
 @needs_fuse
-@needs_warm
 def test_warm_in_the_background_logs_beside_the_daemon(entrypoint: Entrypoint,
                                                        tmp_path: Path) -> None:
     (entrypoint.src / "model.bin").write_bytes(ramp(0, 2 << 20, seed=3))
@@ -197,7 +192,6 @@ def test_warm_in_the_background_logs_beside_the_daemon(entrypoint: Entrypoint,
 
 @pytest.mark.mount
 @needs_fuse
-@needs_warm
 def test_warm_of_a_missing_path_fails_and_unmounts(entrypoint: Entrypoint,
                                                    tmp_path: Path) -> None:
     marker = tmp_path / "command-ran"
@@ -210,7 +204,6 @@ def test_warm_of_a_missing_path_fails_and_unmounts(entrypoint: Entrypoint,
 
 @pytest.mark.mount
 @needs_fuse
-@needs_warm
 def test_warm_that_fails_fails_run(entrypoint: Entrypoint, faultfs, tmp_path: Path) -> None:
     (faultfs.backing / "model.bin").write_bytes(ramp(0, 2 << 20, seed=4))
     faultfs.set(eio="read")

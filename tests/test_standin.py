@@ -20,7 +20,7 @@ import pytest
 
 from fusecache.bench.standin import BUCKET, Standin, running_standin
 from fusecache.config import MiB
-from tests.conftest import needs_fuse
+from tests.conftest import fusecache_cmd, needs_fuse
 from tests.ramp import ramp, write_ramp
 from tests.test_mount import drop_kernel_cache
 
@@ -111,6 +111,22 @@ def test_a_tool_that_asks_for_the_sha256_then_loads_moves_the_model_once(
     assert digest == hashlib.sha256(ramp(0, SIZE, seed=5)).hexdigest()
     assert path.read_bytes() == ramp(0, SIZE, seed=5)  # the load
     assert m.stats()["lower_bytes"] == SIZE
+    _assert_about_once_over_the_network(standin, before, SIZE)
+
+
+def test_warm_then_a_first_switch_moves_nothing_more(standin: Standin, mount_factory) -> None:
+    m = mount_factory(standin.mount)
+    path = m.mnt / "model.safetensors"
+    before = standin.bytes_sent()
+    res = fusecache_cmd("warm", str(path))
+    assert res.returncode == 0, res.stderr
+    assert m.settled()["lower_bytes"] == SIZE
+    with open(path, "rb") as f:  # the web UI's first switch: hash, then load
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    assert digest == hashlib.sha256(ramp(0, SIZE, seed=5)).hexdigest()
+    drop_kernel_cache(path)
+    assert path.read_bytes() == ramp(0, SIZE, seed=5)
+    assert m.settled()["lower_bytes"] == SIZE, "warm fetched it all, once"
     _assert_about_once_over_the_network(standin, before, SIZE)
 
 

@@ -38,6 +38,8 @@ class CacheStatistics:
     lower_reads: int
     lower_bytes: int
     lower_errors: int
+    readahead_bytes: int  # fetched from below ahead of readers (read-ahead, whole-file fills)
+    readahead_used_bytes: int  # of those, what a reader or the page cache took
     evictions: int
     memory_used: int
     memory_capacity: int
@@ -90,6 +92,8 @@ class BlockCache:
             lower_reads=flights.lower_reads,
             lower_bytes=flights.lower_bytes,
             lower_errors=flights.lower_errors,
+            readahead_bytes=flights.readahead_bytes,
+            readahead_used_bytes=flights.readahead_used,
             evictions=self._memory.evictions,
             memory_used=self._memory.used,
             memory_capacity=self._memory.budget,
@@ -109,9 +113,16 @@ class BlockCache:
     def disk(self) -> DiskTier | None:
         return self._disk
 
+    def holds(self, f: CachedFile, idx: int) -> bool:
+        """Whether block *idx* of *f* is here: in memory, on its way to disk, or on disk."""
+        key = (f.key, idx)
+        return (key in self._memory or (self._spill is not None and key in self._spill)
+                or (self._disk is not None and self._disk.contains(f.key, idx)))
+
     def forget_file(self, key: Hashable) -> None:
         """Drop a file's cached blocks (its content changed)."""
         self._memory.discard_file(key)
+        self._flights.forget_file(key)
         if self._spill is not None:
             self._spill.forget_file(key)
         if self._disk is not None:
@@ -174,6 +185,7 @@ class BlockCache:
 
     def _evicted(self, key: BlockKey, block: Block) -> None:
         """A block leaves memory (evicted, or kept out by the scan rule): to the disk tier."""
+        self._flights.unused(key)
         if self._spill is not None:
             self._spill.offer(key, block)
 
@@ -185,6 +197,7 @@ class BlockCache:
             block = self._spill.get(key)
         if block is not None:
             self._served_memory += served
+            self._flights.used(key)
             return block
         flight = self._flights.get(key)
         if flight is None:
@@ -195,6 +208,7 @@ class BlockCache:
         if flight.error is not None:
             raise LowerError(flight.error)
         assert flight.data is not None
+        self._flights.used(key)
         if flight.from_disk:
             self._served_disk += served
         else:
@@ -274,8 +288,10 @@ class BlockCache:
         block = self._memory.get(key)
         if block is None or self._memory.kernel_holds(key, len(block)):
             return  # gone already (evicted, handed on), or the kernel read all of it
-        if await feed(idx, block) and self._disk is not None:
-            self._served(key, 0, len(block), len(block))
+        if await feed(idx, block):
+            self._flights.used(key)
+            if self._disk is not None:
+                self._served(key, 0, len(block), len(block))
 
     # --- the disk tier -----------------------------------------------------
 

@@ -39,9 +39,12 @@ from fusecache.cache.slots import (
 )
 from fusecache.cache.writestop import WriteStop
 from fusecache.cachedir import TaggedDir
+from fusecache.logrepeats import RepeatedLog
 from fusecache.lru import BlockKey, ScanResistantLRU
 
 log = logging.getLogger(__name__)
+repeats = RepeatedLog(log)  # a damaged cache file fails each of its blocks
+
 
 @dataclass(frozen=True)
 class DiskStatistics:
@@ -213,7 +216,8 @@ class DiskTier:
         data, why = load_slot(path, self._slot_offset(idx), (digest, idx, length), pool, direct)
         if why is None:
             return data
-        log.warning("disk cache block %d in %s is bad (%s); fetching it again", idx, path, why)
+        repeats.log(logging.WARNING, "disk cache block %d in %s is bad (%s); fetching it again",
+                    idx, path, why)
         with self._lock:
             self.validation_failures += 1
             if self._index.discard(key) is not None:

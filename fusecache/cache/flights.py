@@ -17,10 +17,12 @@ from fusecache.cache.disk import DiskTier
 from fusecache.cache.memory import MemoryTier
 from fusecache.cache.spill import SpillQueue
 from fusecache.errors import LowerError
+from fusecache.logrepeats import RepeatedLog
 from fusecache.lru import BlockKey
 from fusecache.source_api import Identity, Source, SourceUnavailable
 
 log = logging.getLogger(__name__)
+repeats = RepeatedLog(log)  # a broken file fails every read of it
 
 
 class CachedFile(Protocol):
@@ -70,12 +72,30 @@ class Flights:
         self.lower_reads = 0
         self.lower_bytes = 0
         self.lower_errors = 0
+        # Read-ahead's blocks from below, and those a reader (or the kernel's page
+        # cache, fed) took before they left memory: the stats' fetched against used.
+        self.readahead_bytes = 0
+        self.readahead_used = 0
+        self._unused_ahead: dict[BlockKey, int] = {}
 
     def __len__(self) -> int:
         return len(self._inflight)
 
     def get(self, key: BlockKey) -> Flight | None:
         return self._inflight.get(key)
+
+    def used(self, key: BlockKey) -> None:
+        """A block was taken (read, fed or hashed): count it as used if read-ahead brought it."""
+        self.readahead_used += self._unused_ahead.pop(key, 0)
+
+    def unused(self, key: BlockKey) -> None:
+        """A block left memory: if read-ahead brought it and nobody took it, it never will be."""
+        self._unused_ahead.pop(key, None)
+
+    def forget_file(self, file_key: Hashable) -> None:
+        """A file's blocks are dropped: none of its read-ahead will be used now."""
+        for key in [k for k in self._unused_ahead if k[0] == file_key]:
+            del self._unused_ahead[key]
 
     def any(self) -> Flight | None:
         """Some flight under way, or None."""
@@ -134,7 +154,8 @@ class Flights:
             f.unpin()
             raise
         except Exception:  # a bug or an odd file system: a miss, never a dead daemon
-            log.exception("%s: reading block %d from the disk cache failed", f.display, idx)
+            repeats.log(logging.ERROR, "%s: reading block %d from the disk cache failed",
+                        f.display, idx, exc_info=True)
             data = None
         if data is None:  # the pin passes to _fetch, which releases it
             flight.from_disk = False
@@ -157,6 +178,10 @@ class Flights:
                                                     readahead)
             self.lower_reads += 1
             self.lower_bytes += sum(len(b) for b in blocks)
+            if readahead:
+                self.readahead_bytes += sum(len(b) for b in blocks)
+                self._unused_ahead.update((k, len(b)) for k, b in zip(keys, blocks,
+                                                                    strict=False))
             if [len(b) for b in blocks] != sizes:
                 error = f"{f.display}: lower file is shorter than its size said (changed?)"
         except (OSError, LowerError) as exc:
@@ -170,7 +195,10 @@ class Flights:
                 error = f"{f.display}: lower read at {first * bs} did not complete"
             if error is not None:
                 self.lower_errors += 1
-                log.log(logging.DEBUG if quiet else logging.ERROR, "%s", error)
+                if quiet:
+                    log.debug("%s", error)
+                else:
+                    repeats.log(logging.ERROR, "%s", error)
             self._release(keys, flights, blocks if error is None else None, error)
             f.unpin()
 

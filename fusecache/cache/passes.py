@@ -63,7 +63,7 @@ class FilePasses:
             cache.walk_ended(f.key)
             self._underway.end()
 
-    async def fill(self, f: CachedFile, parallel: int, feed: Feed | None = None) -> None:
+    async def fill(self, f: CachedFile, parallel: int, feed: Feed | None = None) -> str | None:
         """Fetch from below every block of *f* that is neither held nor coming, in file order.
 
         Blocks on disk are left there: they are local already, and one the
@@ -71,8 +71,9 @@ class FilePasses:
 
         At most *parallel* fetches are registered at a time, so a reader that
         wants a block the fill has not reached fetches it on its own (demand)
-        path instead of queueing behind the fill. Stops at the first error.
-        The caller pins *f* for the fill, which releases the pin when it ends.
+        path instead of queueing behind the fill. Stops at the first error, and
+        returns it (None: every block was fetched or found here). The caller
+        pins *f* for the fill, which releases the pin when it ends.
 
         *feed* (block index, block) hands each block of the file the kernel does
         not hold yet to its page cache, whether the fill fetched it or found it
@@ -80,13 +81,13 @@ class FilePasses:
         """
         cache = self._cache
         window = trio.Semaphore(parallel)
-        failed = False
+        failed: str | None = None
         self._underway.start()
 
         async def settle(flight: Flight, first: int, count: int) -> None:
             nonlocal failed
             await flight.done.wait()
-            failed = failed or flight.error is not None
+            failed = failed or flight.error
             window.release()
             if feed is not None and flight.error is None:
                 for idx in range(first, first + count):
@@ -109,6 +110,7 @@ class FilePasses:
         finally:
             f.unpin()
             self._underway.end()
+        return failed
 
     async def _feed_when_here(self, f: CachedFile, idx: int, feed: Feed) -> None:
         """Feed block *idx* once a fetch that is bringing it has landed."""

@@ -11,9 +11,11 @@ from fusecache.blockio import Block
 from fusecache.cache.budget import MemoryBudget
 from fusecache.cache.disk import DiskTier
 from fusecache.cache.underway import Underway
+from fusecache.logrepeats import RepeatedLog
 from fusecache.lru import BlockKey
 
 log = logging.getLogger(__name__)
+repeats = RepeatedLog(log)  # what fails for one block tends to fail for the next
 
 
 class SpillQueue:
@@ -84,7 +86,8 @@ class SpillQueue:
                 if block is not None:
                     await trio.to_thread.run_sync(self._disk.write, *key, block)
             except Exception:
-                log.exception("writing a block to the disk cache failed")
+                repeats.log(logging.ERROR, "writing a block to the disk cache failed",
+                            exc_info=True)
             finally:
                 if (written := self._waiting.pop(key, None)) is not None:
                     self._budget.give_spilling(len(written))

@@ -13,14 +13,14 @@ import sys
 from typing import NoReturn
 
 from fusecache import __version__, blockio
-from fusecache.cli import bench, mount, run, umount
+from fusecache.cli import bench, mount, run, stats, umount, warm
 from fusecache.cli.common import EXIT_USAGE, CommandParser, HelpFormatter, UsageError
 from fusecache.cli.options import build_config
 from fusecache.daemon import MountError
 
-COMMANDS = (mount, run, umount, bench)
+COMMANDS = (mount, run, umount, warm, stats, bench)
 
-__all__ = ["COMMANDS", "build_config", "build_parser", "command_names", "main"]
+__all__ = ["COMMANDS", "build_config", "build_parser", "main"]
 
 
 class _Version(argparse.Action):
@@ -52,11 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the version and which block copy (C or Python) is in use")
     _add_commands(parser)
     return parser
-
-
-def command_names() -> set[str]:
-    """The subcommands this fusecache has."""
-    return set(_add_commands(CommandParser(prog="fusecache")).choices)
 
 
 def main(argv: list[str] | None = None) -> int:

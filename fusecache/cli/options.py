@@ -13,7 +13,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from fusecache import cachedir, logs
+from fusecache import cachedir, logs, metrics
 from fusecache.cache.slots import UNIT
 from fusecache.cli.common import UsageError, integer, seconds, size
 from fusecache.config import (
@@ -96,6 +96,9 @@ def add_mount_options(parser: argparse.ArgumentParser) -> None:
                    help=f"daemon log, rotated at {format_size(logs.LOG_BYTES)}, keeping "
                    f"{logs.LOG_FILES - 1} older files (FILE.1, ...); its directory must exist "
                    f"(default: {runtime_dir()}/<mountpoint>.log, printed on mount)")
+    m.add_argument("--metrics", type=metrics.address, default=None, metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics (fusecache_*) over HTTP at HOST:PORT; a "
+                   f"bare PORT is on {metrics.DEFAULT_HOST} (default: off)")
     m.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     store_options.add_arguments(m)
 
@@ -178,4 +181,5 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         readahead=replace(ReadaheadConfig(), sha256=args.sha256,
                           feed_page_cache=args.feed_page_cache),
         allow_other=os.geteuid() == 0 if args.allow_other is None else args.allow_other,
+        metrics=args.metrics,
     )

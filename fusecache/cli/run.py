@@ -53,8 +53,6 @@ def handle(args: argparse.Namespace) -> int:
     warm = warm_paths(args.warm or [], args.mountpoint)
     if args.warm_wait and not warm:
         raise UsageError("--warm-wait needs at least one --warm PATH")
-    if warm:
-        _check_warm_command()
     config = mount.prepare(args)
     code = mount.start_daemon(args, config)
     if code != 0:
@@ -112,13 +110,6 @@ def warm_paths(paths: list[Path], mountpoint: Path) -> list[Path]:
             raise UsageError(f"--warm {path} is not under the mountpoint {mountpoint}")
         result.append(absolute)
     return result
-
-
-def _check_warm_command() -> None:
-    from fusecache.cli import command_names
-
-    if "warm" not in command_names():
-        raise UsageError("--warm needs `fusecache warm`, which this fusecache does not have")
 
 
 def _warm_command(paths: list[Path]) -> list[str]:

@@ -28,6 +28,7 @@ from fusecache.fs.pagecache import PageCache
 from fusecache.fs.readonce import SHA256_XATTR, ReadOnce
 from fusecache.fs.stats import daemon_counters
 from fusecache.fs.versions import Versions
+from fusecache.fs.warming import WARM_XATTR, Warming
 from fusecache.readahead import SequentialStream
 from fusecache.source_api import Source, version_of
 
@@ -105,6 +106,8 @@ class FilesystemCore:
                                  self.pagecache, cache.disk)
         self.opener = Opener(source, nursery, self.answers, self.pagecache, self.versions,
                              forget=(cache.forget_file, self.readonce.forget))
+        self.warming = Warming(self.opener, self.versions, self.readonce, cache, nursery,
+                               source.timeout)
         self._path_of: dict[int, bytes] = {ROOT_INODE: b""}
         self._ino_of: dict[bytes, int] = {b"": ROOT_INODE}
         # Inode numbers stay fixed for a path for the life of the mount; the
@@ -208,13 +211,16 @@ class FilesystemCore:
     def statistics(self) -> dict[str, int]:
         """Every counter of the daemon, flat, for stats output."""
         return daemon_counters(self.read_requests, self.source, self.cache,
-                               self.readonce.passes, self.answers)
+                               self.readonce.passes, self.answers,
+                               fed_bytes=self.pagecache.fed_bytes)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT_INODE and name == STATS_XATTR:
             return json.dumps(self.statistics()).encode()
         if name == SHA256_XATTR:
             return (await self._sha256_of(ino)).encode()
+        if name == WARM_XATTR:  # `fusecache warm`: starts a whole-file fetch, says how far
+            return await self.warming.progress(ino, self.path_of(ino))
         path = self.path_of(ino)
         return await self.answers.answer(("xattr", path, name),
                                          lambda: self.source.getxattr(path, name))
@@ -225,6 +231,8 @@ class FilesystemCore:
                                                lambda: self.source.listxattr(path)))
         if await self._known_sha256(ino) is not None:
             names.append(SHA256_XATTR)
+        if ino == ROOT_INODE:  # so `getfattr -d MOUNTPOINT` finds the stats
+            names.append(STATS_XATTR)
         return names
 
     async def _known_sha256(self, ino: int) -> str | None:

@@ -51,6 +51,7 @@ class PageCache:
         # so a store of an old version's bytes cannot land after the kernel was
         # told to drop that version's pages (see feeder).
         self._lock = trio.Lock()
+        self.fed_bytes = 0  # put into the kernel's page cache by whole-file fetches
 
     @property
     def feeding(self) -> bool:
@@ -101,6 +102,7 @@ class PageCache:
                     else:  # e.g. the kernel forgot the inode: its pages went with it
                         log.debug("%s: page cache store of block %d: %s", f.display, idx, exc)
                     return False
+            self.fed_bytes += len(block)
             return True
 
         return feed

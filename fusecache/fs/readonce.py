@@ -101,8 +101,17 @@ class ReadOnce:
 
     def _start_fill(self, ino: int, f: LowerFile, feed: bool) -> None:
         """Fetch the rest of *f* in the background; *feed*: into the kernel's page cache too."""
-        feeder = self._pagecache.feeder(ino, f) if feed else None
-        self._nursery.start_soon(self.passes.fill, Pin(f).give(), self._parallel, feeder)
+        self._nursery.start_soon(self.fill, ino, Pin(f), feed)
+
+    async def fill(self, ino: int, pin: Pin, feed: bool) -> str | None:
+        """Fetch every block of the pinned file that is not here; the error that stopped it.
+
+        The whole-file fetch of read-once (`fusecache warm` asks for it too):
+        at most *parallel* fetches at a time, each block from below once;
+        *feed*: into the kernel's page cache of inode *ino* too. Takes the pin.
+        """
+        feeder = self._pagecache.feeder(ino, pin.file) if feed else None
+        return await self.passes.fill(pin.give(), self._parallel, feeder)
 
     def _fits_whole(self, f: LowerFile, feed: bool) -> bool:
         """Whether a whole-file fetch of *f* keeps what it fetches until a reader wants it.

@@ -13,11 +13,22 @@ from fusecache.source_api import Source
 
 
 def daemon_counters(read_requests: int, source: Source, cache: BlockCache,
-                    passes: FilePasses, answers: KnownAnswers) -> dict[str, int]:
-    """Every counter of the daemon, flat, for stats output."""
+                    passes: FilePasses, answers: KnownAnswers, fed_bytes: int = 0
+                    ) -> dict[str, int]:
+    """Every counter of the daemon, flat, for stats output.
+
+    `lower_bytes` (read from the lower mount) and `served_bytes` (replied to
+    readers) are the keys `fusecache stats --json` promises to keep.
+    """
     src = source.statistics()
+    blocks = cache.statistics()
     return {"read_requests": read_requests,
-            **dataclasses.asdict(cache.statistics()),
+            "served_bytes": blocks.served_memory + blocks.served_disk + blocks.served_lower,
+            "fed_bytes": fed_bytes,
+            # What the caches can keep (the LRU without its passing part, and the disk):
+            # a set of files bigger than this cannot all be warm at once.
+            "cache_capacity": cache.capacity + (cache.disk.capacity if cache.disk else 0),
+            **dataclasses.asdict(blocks),
             "background_jobs": passes.underway,  # whole-file fetches and hashes, now
             "source_healthy": int(src.healthy),
             "source_timeouts": src.timeouts,
