@@ -29,15 +29,30 @@ class SequentialStream:
         self.position = -1  # where the next sequential read is expected; -1: no history
         self.window = 0
         self.fetched_until = 0  # read-ahead already asked for everything below this
+        self.jumps = 0  # reads in a row that were not where the stream stood (a first read is)
+
+    @property
+    def random(self) -> bool:
+        """Whether the reader reads at random: two reads in a row that were not in order.
+
+        One alone may be a sequential reader's first read, or its start elsewhere.
+        """
+        return self.jumps >= 2
 
     def on_read(self, offset: int, size: int) -> tuple[int, int] | None:
         """Record a read; return the [start, end) range to fetch ahead, or None."""
         end = offset + size
-        slack = self.config.slack
+        # The kernel's own read-ahead sends a sequential reader's requests out of
+        # order, within the slack; a random reader's read lands in it by chance
+        # (one read in 32 on a 512 MiB file), so once random, only a read right
+        # where the last one ended is in order again.
+        slack = 0 if self.random else self.config.slack
         if self.position >= 0 and self.position - slack <= offset <= self.position + slack:
             self.window = min(max(self.window * 2, self.config.initial_window), self.max_window)
             self.position = max(self.position, end)
+            self.jumps = 0
         else:
+            self.jumps += 1
             self.window = 0
             self.position = end
             self.fetched_until = end

@@ -114,3 +114,26 @@ def test_interest_fires_at_most_once_and_only_for_cause(reads: list[tuple[int, i
     if True in fired:
         seen = reads[: fired.index(True) + 1]
         assert any(off == 0 for off, _ in seen), "never without a read of the head"
+
+
+def test_two_reads_out_of_order_in_a_row_make_a_random_reader() -> None:
+    stream = SequentialStream(ReadaheadConfig())
+    stream.on_read(40 * MiB, 4096)  # a first read: perhaps a sequential reader's start
+    assert not stream.random
+    stream.on_read(40 * MiB + 4096, 4096)  # in order
+    assert not stream.random
+    stream.on_read(90 * MiB, 4096)
+    assert not stream.random
+    stream.on_read(10 * MiB, 4096)
+    assert stream.random
+    stream.on_read(10 * MiB + 4096, 4096)  # in order again
+    assert not stream.random
+
+
+def test_a_random_reader_landing_near_its_last_read_fetches_nothing_ahead() -> None:
+    stream = SequentialStream(ReadaheadConfig())
+    for off in (300 * MiB, 10 * MiB):
+        stream.on_read(off, 4096)
+    assert stream.random
+    assert stream.on_read(12 * MiB, 4096) is None  # within the slack, by chance
+    assert stream.on_read(12 * MiB + 4096, 4096) is not None  # right where it ended: in order

@@ -130,18 +130,27 @@ class BlockCache:
 
     # --- reads -----------------------------------------------------------
 
-    async def read(self, f: CachedFile, offset: int, size: int, kept: bool = True) -> Block:
+    async def read(self, f: CachedFile, offset: int, size: int, kept: bool = True,
+                   pages_only: bool = False) -> Block:
         """Bytes [offset, offset+size) of *f*, short at EOF; zero-copy within one block.
 
         The bytes returned count as served, by the tier each block came from.
         *kept* says the reader keeps what it is served (the kernel page cache
         does, unless the file was opened with O_DIRECT): see _served.
+        *pages_only*: a random read within one block that is nowhere here reads
+        just its pages from below, and caches nothing: on an object store a
+        4 KiB read would otherwise move the whole 1 MiB block.
         """
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
+        if (pages_only and first == last and not self.holds(f, first)
+                and self._flights.get((f.key, first)) is None):
+            data = await self._flights.read_pages(f, offset, end)
+            self._served_lower += len(data)
+            return data
         spans = [(idx, max(offset - idx * bs, 0), min(end - idx * bs, bs))
                  for idx in range(first, last + 1)]
         parts = []

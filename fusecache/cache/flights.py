@@ -14,7 +14,7 @@ import trio
 
 from fusecache.blockio import Block, BlockPool
 from fusecache.cache.disk import DiskTier
-from fusecache.cache.memory import MemoryTier
+from fusecache.cache.memory import PAGE, MemoryTier
 from fusecache.cache.spill import SpillQueue
 from fusecache.errors import LowerError
 from fusecache.logrepeats import RepeatedLog
@@ -201,6 +201,31 @@ class Flights:
                     repeats.log(logging.ERROR, "%s", error)
             self._release(keys, flights, blocks if error is None else None, error)
             f.unpin()
+
+    async def read_pages(self, f: CachedFile, offset: int, end: int) -> Block:
+        """The whole pages around bytes [offset, end) of one block, from below, not cached.
+
+        For a random read on a source where a request costs the bytes it moves
+        (an object store): see BlockCache.read. The caller checked that the block
+        is nowhere local; the block's own fetch, if one starts, is unaffected.
+        """
+        start, stop = offset - offset % PAGE, min(-(-end // PAGE) * PAGE, f.size)
+        f.pin()
+        try:
+            fd = await f.lower_fd()
+            blocks = await self._source.read_blocks(self._pool, fd, start, [stop - start],
+                                                    f.ident)
+        except (OSError, LowerError) as exc:
+            self.lower_errors += 1
+            raise LowerError(f"{f.display}: lower read at {start} failed: {exc}") from None
+        finally:
+            f.unpin()
+        if len(blocks) != 1 or len(blocks[0]) != stop - start:
+            self.lower_errors += 1
+            raise LowerError(f"{f.display}: lower file is shorter than its size said (changed?)")
+        self.lower_reads += 1
+        self.lower_bytes += stop - start
+        return memoryview(blocks[0])[offset - start:end - start]
 
     def _release(self, keys: list[BlockKey], flights: list[Flight],
                  blocks: list[Block] | None, error: str | None) -> None:

@@ -29,6 +29,23 @@ class FilePasses:
         """Fills and walks under way, now."""
         return self._underway.count
 
+    def start_soon(self, nursery: trio.Nursery, job: Callable[..., Awaitable[object]],
+                   *args: object) -> None:
+        """Start *job* (a fill, a hash, a warm) in *nursery*, under way from now.
+
+        Counted before the task first runs, so `wait_idle` right after a read
+        that starts one waits for it.
+        """
+        self._underway.start()
+
+        async def counted() -> None:
+            try:
+                await job(*args)
+            finally:
+                self._underway.end()
+
+        nursery.start_soon(counted)
+
     async def wait_idle(self) -> None:
         """Return once no fetch is in flight and no fill or walk is under way."""
         while self._cache.fetching or self._underway.count:

@@ -287,7 +287,10 @@ class FilesystemCore:
             self.cache.prefetch(f, *ahead)
         # An O_DIRECT reader would not look in the page cache for what is fed.
         self.readonce.on_read(handle.ino, f, offset, size, feed=handle.kernel_keeps)
-        return await self.cache.read(f, offset, size, kept=handle.kernel_keeps)
+        # A random reader's reads on an object store move their pages only.
+        pages_only = self.source.small_reads and handle.stream.random
+        return await self.cache.read(f, offset, size, kept=handle.kernel_keeps,
+                                     pages_only=pages_only)
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

@@ -101,7 +101,7 @@ class ReadOnce:
 
     def _start_fill(self, ino: int, f: LowerFile, feed: bool) -> None:
         """Fetch the rest of *f* in the background; *feed*: into the kernel's page cache too."""
-        self._nursery.start_soon(self.fill, ino, Pin(f), feed)
+        self.passes.start_soon(self._nursery, self.fill, ino, Pin(f), feed)
 
     async def fill(self, ino: int, pin: Pin, feed: bool) -> str | None:
         """Fetch every block of the pinned file that is not here; the error that stopped it.
@@ -162,7 +162,7 @@ class ReadOnce:
             self._start_fill(ino, f, feed=True)
         elif fill:
             ahead = self._cache.fetch_blocks * self._parallel
-        self._nursery.start_soon(self._hash, Pin(f), ahead, done)
+        self.passes.start_soon(self._nursery, self._hash, Pin(f), ahead, done)
         return done
 
     async def _hash(self, pin: Pin, ahead: int, done: trio.Event) -> None:
