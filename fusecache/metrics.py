@@ -128,14 +128,23 @@ def on_trio_loop(fn: Counters, token: trio.lowlevel.TrioToken) -> Counters:
     def call() -> dict[str, int]:
         done = threading.Event()
         box: list[dict[str, int]] = []
+        failed: list[Exception] = []
 
         def run() -> None:
-            box.append(fn())
-            done.set()
+            # An exception out of a run_sync_soon callback would end the daemon's
+            # loop (TrioInternalError): it goes to the scraping thread instead.
+            try:
+                box.append(fn())
+            except Exception as exc:
+                failed.append(exc)
+            finally:
+                done.set()
 
         token.run_sync_soon(run)
         if not done.wait(SCRAPE_TIMEOUT):
             raise TimeoutError(f"the daemon's loop did not answer in {SCRAPE_TIMEOUT:g} s")
+        if failed:
+            raise failed[0]
         return box[0]
 
     return call

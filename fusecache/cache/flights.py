@@ -187,6 +187,9 @@ class Flights:
         except (OSError, LowerError) as exc:
             error = f"{f.display}: lower read at {first * bs} failed: {exc}"
             quiet = isinstance(exc, SourceUnavailable)
+        except Exception as exc:  # a bug or an odd source: this read fails, the daemon stays
+            error = f"{f.display}: lower read at {first * bs} failed: {exc!r}"
+            log.exception("%s", error)
         except trio.Cancelled:
             error = f"{f.display}: read cancelled (unmounting)"
             raise
@@ -215,6 +218,9 @@ class Flights:
             fd = await f.lower_fd()
             blocks = await self._source.read_blocks(self._pool, fd, start, [stop - start],
                                                     f.ident)
+        except SourceUnavailable:
+            self.lower_errors += 1
+            raise  # the source logs its outage once
         except (OSError, LowerError) as exc:
             self.lower_errors += 1
             raise LowerError(f"{f.display}: lower read at {start} failed: {exc}") from None

@@ -275,11 +275,14 @@ class FilesystemCore:
         handle = self._handle(fh)
         self.read_requests += 1
         f = handle.file
-        if self.versions.shown(handle.ino) != f.ident.version:
+        opened = self.versions.opened(handle.ino)
+        if (self.versions.shown(handle.ino) != f.ident.version
+                or (opened is not None and opened.key != f.key)):
             # The file changed on the lower mount since this handle opened it. Our
             # answer would be the old version's, and the kernel keeps it in the
             # inode's page cache, which newer handles read too; past the old end it
             # would fill the rest with zeros. So the reader gets EIO and opens again.
+            # A newer open may see a change the version does not show (an ETag).
             raise FsError(errno.EIO, f"{f.display} changed on the lower mount since this "
                           "handle opened it")
         ahead = handle.stream.on_read(offset, size)

@@ -217,7 +217,9 @@ def _mapped(fn: Callable[..., T], *args: object) -> T:
     except (e.ConditionNotMatch, e.RangeNotSatisfied) as exc:
         raise ObjectChanged(f"changed in the store while it was read: {_first_line(exc)}"
                             ) from None
-    except (e.Error, e.Unexpected, e.Unsupported, e.ConfigInvalid, e.RateLimited) as exc:
+    except (OSError, LowerError):
+        raise
+    except Exception as exc:  # opendal's errors share no base class; any other is EIO too
         raise LowerError(_first_line(exc)) from None
 
 
