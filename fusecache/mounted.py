@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 # Our mounts' type in the mount table: mount.py mounts with subtype=fusecache.
@@ -51,10 +52,32 @@ def mount_of(path: Path) -> Path:
     return max(under, key=lambda m: len(m.parts))  # the innermost, for mounts within mounts
 
 
-def read_stats(mountpoint: Path) -> dict[str, int]:
-    """The daemon's counters, as its stats xattr has them."""
-    try:
-        return dict(json.loads(os.getxattr(mountpoint, STATS_XATTR)))
-    except OSError as exc:
+# The daemon answers the stats xattr from its loop at once; one that has not in
+# this long is wedged, and a FUSE request to it would wait for ever.
+STATS_TIMEOUT = 10.0
+
+
+def read_stats(mountpoint: Path, timeout: float = STATS_TIMEOUT) -> dict[str, int]:
+    """The daemon's counters, as its stats xattr has them; NoAnswer after *timeout* s.
+
+    The xattr is read in a daemon thread, so a wedged daemon leaves a stuck
+    thread behind, not a stuck command.
+    """
+    got: list[bytes] = []
+    failed: list[OSError] = []
+
+    def ask() -> None:
+        try:
+            got.append(os.getxattr(mountpoint, STATS_XATTR))
+        except OSError as exc:
+            failed.append(exc)
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(timeout)
+    if failed:
         raise NoAnswer(f"{mountpoint}: the fusecache daemon does not answer "
-                         f"({exc.strerror})") from None
+                       f"({failed[0].strerror})")
+    if not got:
+        raise NoAnswer(f"{mountpoint}: the fusecache daemon did not answer in {timeout:g} s")
+    return dict(json.loads(got[0]))

@@ -183,7 +183,7 @@ def _warm_all(files: list[_File], parallel: int, progress: Progress) -> None:
         now = time.monotonic()
         for f in files:
             if f.state == "warming" and now - f.moved_at > f.stall_limit:
-                f.state, f.error = "failed", f"no progress in {f.stall_limit:.0f} s"
+                _end(f, "failed", f"no progress in {f.stall_limit:.0f} s")
             if f.state in ("cached", "failed") and id(f) not in reported:
                 reported.add(id(f))
                 progress.say(f"warm: {f.state} {f.path} ({format_size(f.size)})"
@@ -196,16 +196,25 @@ def _warm_all(files: list[_File], parallel: int, progress: Progress) -> None:
         time.sleep(POLL / 2)
 
 
+_ENDING = threading.Lock()  # a file ends once: a stall seen by the main loop or its answer
+
+
+def _end(f: _File, state: str, error: str = "") -> None:
+    """End a warming file as *state*, unless something ended it first."""
+    with _ENDING:
+        if f.state == "warming":
+            f.state, f.error = state, error
+
+
 def _warm_one(f: _File) -> None:
     """Ask the daemon to warm *f* and follow its progress until it has ended."""
     while f.state == "warming":
         try:
             answer = json.loads(os.getxattr(f.path, WARM_XATTR))
         except OSError as exc:
-            f.error = ("this mount's daemon cannot warm files (started by an older "
-                       "fusecache?)" if exc.errno in (errno.ENODATA, errno.ENOTSUP)
-                       else os.strerror(exc.errno or errno.EIO))
-            f.state = "failed"
+            _end(f, "failed", "this mount's daemon cannot warm files (started by an older "
+                 "fusecache?)" if exc.errno in (errno.ENODATA, errno.ENOTSUP)
+                 else os.strerror(exc.errno or errno.EIO))
             return
         if f.state != "warming":  # failed meanwhile: the answer came too late
             return
@@ -213,8 +222,9 @@ def _warm_one(f: _File) -> None:
         if answer["cached"] != f.cached:
             f.cached, f.moved_at = answer["cached"], time.monotonic()
         if answer["state"] == "failed":
-            f.error, f.state = answer["error"], "failed"
+            _end(f, "failed", answer["error"])
         elif answer["state"] == "cached":
-            f.cached, f.state = f.size, "cached"
+            f.cached = f.size
+            _end(f, "cached")
         else:
             time.sleep(POLL)
