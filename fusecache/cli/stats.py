@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from fusecache import mounted
-from fusecache.cli.common import EXIT_USAGE, integer, seconds
+from fusecache.cli.common import UsageError, integer, seconds
 from fusecache.config import format_size
 
 
@@ -38,18 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(handler=main)
 
 
-
-
 def main(args: argparse.Namespace) -> int:
     if args.count is not None and args.watch is None:
-        print("fusecache: --count counts the reports of --watch; give --watch too",
-              file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("--count counts the reports of --watch; give --watch too")
     try:
         mount = mounted.mount_of(args.mountpoint)
     except mounted.NotMounted as exc:
-        print(f"fusecache: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(exc)) from None
     try:
         if args.watch is None:
             stats = mounted.read_stats(mount)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusecache import mounted
-from fusecache.cli.common import EXIT_USAGE, integer
+from fusecache.cli.common import UsageError, integer
 from fusecache.config import format_size
 from fusecache.progress import Progress
 
@@ -73,12 +73,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def warm(paths: list[Path], parallel: int = PARALLEL) -> int:
-    """Warm *paths*, *parallel* files at a time, reporting on stderr; the exit code."""
+    """Warm *paths*, *parallel* files at a time, reporting on stderr; the exit code.
+
+    Raises UsageError for a path that is not under a fusecache mount.
+    """
     try:
         files = _collect(paths)
     except mounted.NotMounted as exc:
-        print(f"fusecache: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(exc)) from None
     except OSError as exc:  # the lower mount failed a listing or a stat
         print(f"fusecache: cannot list {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1

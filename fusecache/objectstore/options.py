@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
+from fusecache.cli.common import seconds
 from fusecache.config import SourceConfig
 from fusecache.objectstore.location import (
     LocationError,
@@ -20,15 +20,6 @@ def source_argument(text: str) -> Path | str:
     return text if is_store_url(text) else Path(text)
 
 
-def _ttl(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
-    return value
-
 
 def add_arguments(parser: argparse._ActionsContainer) -> None:
     """--endpoint, --region and --list-ttl, for s3:// and oss:// sources."""
@@ -39,7 +30,7 @@ def add_arguments(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--region", default=None, metavar="REGION",
                         help="the store's region for an s3:// or oss:// SOURCE (default: "
                         "AWS_REGION, else us-east-1 for s3://)")
-    parser.add_argument("--list-ttl", type=_ttl, default=SourceConfig.list_ttl,
+    parser.add_argument("--list-ttl", type=seconds(zero_ok=False), default=SourceConfig.list_ttl,
                         metavar="SECONDS",
                         help="for an s3:// or oss:// SOURCE, how long a directory's listing "
                         "(and the sizes and ETags in it) is believed: a replaced object is "
