@@ -74,7 +74,7 @@ GAUGES = {
     "cache_capacity": ("cache_capacity_bytes", "what memory and disk can keep of files"),
     "disk_full_now": ("disk_full", "1 while the disk cache does not write"),
     "fetches_in_flight": ("fetches_in_flight", "blocks on their way from below or from disk"),
-    "background_jobs": ("background_jobs", "whole-file fetches and hashes under way"),
+    "background_jobs": ("background_jobs", "whole-file fetches, hashes and warms under way"),
     "source_healthy": ("source_healthy", "1 while the lower mount answers"),
     "abandoned_threads": ("abandoned_threads", "threads stuck in the lower mount"),
     "rss_bytes": ("resident_memory_bytes", "the daemon's resident memory"),

@@ -26,15 +26,16 @@ class FilePasses:
 
     @property
     def underway(self) -> int:
-        """Fills and walks under way, now."""
+        """Jobs under way (fills, hashes, warms), now."""
         return self._underway.count
 
     def start_soon(self, nursery: trio.Nursery, job: Callable[..., Awaitable[object]],
                    *args: object) -> None:
         """Start *job* (a fill, a hash, a warm) in *nursery*, under way from now.
 
-        Counted before the task first runs, so `wait_idle` right after a read
-        that starts one waits for it.
+        Every fill and walk runs in a job started here. It is counted before its
+        task first runs, so `wait_idle` right after a read that starts one waits
+        for it.
         """
         self._underway.start()
 
@@ -65,7 +66,6 @@ class FilePasses:
         such as a fill, fetches the file).
         """
         cache, bs = self._cache, self._cache.block_size
-        self._underway.start()
         try:
             for idx in range(cache.block_count(f)):
                 cache.walk_at(f.key, idx)
@@ -78,7 +78,6 @@ class FilePasses:
                 cache.walked_past((f.key, idx), len(block), disk_only)
         finally:
             cache.walk_ended(f.key)
-            self._underway.end()
 
     async def fill(self, f: CachedFile, parallel: int, feed: Feed | None = None) -> str | None:
         """Fetch from below every block of *f* that is neither held nor coming, in file order.
@@ -99,7 +98,6 @@ class FilePasses:
         cache = self._cache
         window = trio.Semaphore(parallel)
         failed: str | None = None
-        self._underway.start()
 
         async def settle(flight: Flight, first: int, count: int) -> None:
             nonlocal failed
@@ -126,7 +124,6 @@ class FilePasses:
                     idx += started
         finally:
             f.unpin()
-            self._underway.end()
         return failed
 
     async def _feed_when_here(self, f: CachedFile, idx: int, feed: Feed) -> None:

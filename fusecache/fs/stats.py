@@ -29,7 +29,7 @@ def daemon_counters(read_requests: int, source: Source, cache: BlockCache,
             # a set of files bigger than this cannot all be warm at once.
             "cache_capacity": cache.capacity + (cache.disk.capacity if cache.disk else 0),
             **dataclasses.asdict(blocks),
-            "background_jobs": passes.underway,  # whole-file fetches and hashes, now
+            "background_jobs": passes.underway,  # whole-file fetches, hashes and warms, now
             "source_healthy": int(src.healthy),
             "source_timeouts": src.timeouts,
             "source_failed_fast": src.failed_fast,

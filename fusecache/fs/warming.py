@@ -80,7 +80,8 @@ class Warming:
         warm = self._warms.get(f.key)
         if warm is None:
             warm = self._warms[f.key] = _Warm(f.size, self._cache.block_count(f))
-            self._nursery.start_soon(self._warm, ino, pin, warm)  # the task takes the pin
+            # The task takes the pin; it counts as under way (stats, wait_idle).
+            self._readonce.passes.start_soon(self._nursery, self._warm, ino, pin, warm)
         else:
             pin.release()
         self._count(f, warm)
