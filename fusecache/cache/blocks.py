@@ -70,7 +70,6 @@ class BlockCache:
         self.budget = budget or MemoryBudget(memory_shares(config, SourceConfig()))
         self._spill = SpillQueue(disk, nursery, self.budget) if disk is not None else None
         self._memory = MemoryTier(config.lru_bytes, config.passing_bytes, self._evicted)
-        self.budget.watch_cached(lambda: self._memory.used)
         self._pool = pool or new_pool(config.block_size)
         self._disk = disk
         self._nursery = nursery
@@ -84,7 +83,7 @@ class BlockCache:
         self._handed_to_kernel = 0
 
     def statistics(self) -> CacheStatistics:
-        flights, memory = self._flights, self.budget.use()
+        flights = self._flights
         return CacheStatistics(
             served_memory=self._served_memory,
             served_disk=self._served_disk,
@@ -98,8 +97,8 @@ class BlockCache:
             memory_used=self._memory.used,
             memory_capacity=self._memory.budget,
             memory_mapped=self._pool.statistics()["mapped_bytes"],
-            memory_spilling=memory.spilling,
-            memory_limit=memory.limit,
+            memory_spilling=self.budget.spilling,
+            memory_limit=self.budget.limit,
             disk_writes_dropped=self._spill.dropped if self._spill else 0,
             handed_to_kernel=self._handed_to_kernel,
             fetches_in_flight=len(flights),

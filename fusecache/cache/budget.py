@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 from fusecache.config import MemoryShares
-
-
-@dataclass(frozen=True)
-class MemoryUse:
-    """Bytes of block memory held now, by holder, and the limit they stay within."""
-
-    cached: int  # the memory tier: the LRU and passing
-    spilling: int  # blocks that left memory and wait for a disk writer
-    limit: int  # the sum of the shares (MemoryShares.total)
 
 
 class MemoryBudget:
@@ -24,7 +12,8 @@ class MemoryBudget:
     (config.MemoryShares, each with its reason), so together they stay within
     one limit, and the daemon's RSS is that limit plus the interpreter and
     the pool's spare arenas (docs/design.md, "Memory"):
-    - the memory tier keeps within its share by evicting; it is read, not asked;
+    - the memory tier keeps within its share by evicting (its size is in the
+      stats as memory_used);
     - fetches hold a block from the moment a worker thread reads it until it
       lands in the memory tier: the threads (threads.ThreadPolicy) bound them to
       their share, so they need not ask;
@@ -32,14 +21,19 @@ class MemoryBudget:
       written to disk, rather than making the daemon grow.
     """
 
-    def __init__(self, shares: MemoryShares, cached: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, shares: MemoryShares) -> None:
         self.shares = shares
-        self._cached = cached
         self._spilling = 0
 
-    def watch_cached(self, used: Callable[[], int]) -> None:
-        """Read the memory tier's bytes from *used* (it keeps within its share itself)."""
-        self._cached = used
+    @property
+    def limit(self) -> int:
+        """What all block memory stays within: the sum of the shares."""
+        return self.shares.total
+
+    @property
+    def spilling(self) -> int:
+        """Bytes of blocks that left memory and wait for a disk writer."""
+        return self._spilling
 
     def try_take_spilling(self, n: int) -> bool:
         """Room for *n* more bytes waiting for a disk writer? Taken if so."""
@@ -55,7 +49,3 @@ class MemoryBudget:
     def spilling_has_room(self) -> bool:
         """Whether one more block may wait for a disk writer."""
         return self._spilling < self.shares.spilling
-
-    def use(self) -> MemoryUse:
-        return MemoryUse(cached=self._cached(), spilling=self._spilling,
-                         limit=self.shares.total)
