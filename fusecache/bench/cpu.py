@@ -1,7 +1,7 @@
 """Where the daemon's CPU goes on one cold sequential read, per GB, over the OSS stand-in.
 
     python -m fusecache.bench.cpu [--size-mib 1024] [--direct] [--rate MB/S]
-                                  [--profile FILE] [-- MOUNT OPTION ...]
+                                  [--profile FILE | --perf FILE] [-- MOUNT OPTION ...]
 
 Needs root (drop_caches, the stand-in's cap). Writes one file into the stand-in, reads
 it in 1 MiB reads through the plain mount, then cold through a fresh fusecache mount
@@ -10,6 +10,10 @@ and CPU-seconds per GB: the whole machine's, and the daemon's, split into its ma
 thread (the trio loop: FUSE requests, replies, bookkeeping) and its worker threads
 (lower reads, disk writes, page-cache stores), user and system. Threads that end
 during the read are missing from the split, not from the daemon's total.
+
+--perf FILE records it with `perf record -g` instead: the kernel's frames, and each
+worker thread by the name trio gives it for the call it runs ("notify_store from ...",
+"write from ..."): `perf report -i FILE --sort comm,dso`.
 
 --profile FILE records the daemon with py-spy (`pip install py-spy`; --native, raw
 format, a stack a line) while it reads: expect it to slow the read several times.
@@ -28,6 +32,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from fusecache.mounted import read_stats
 
 from .common import (
     busy_cpu_seconds,
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the stand-in's cap (default {DEFAULT_RATE_MBPS})")
     parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
                         help="record the daemon with py-spy into FILE")
+    parser.add_argument("--perf", type=Path, default=None, metavar="FILE",
+                        help="record the daemon with perf record -g into FILE (kernel frames)")
     parser.add_argument("options", nargs="*", metavar="MOUNT OPTION",
                         help="options for the fusecache mount, after --")
     args = parser.parse_args(argv)
@@ -102,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     spy_exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if args.profile is not None and not os.path.exists(spy_exe):
         parser.error("--profile needs py-spy: pip install py-spy")
+    if args.perf is not None and shutil.which("perf") is None:
+        parser.error("--perf needs perf (Debian: linux-perf)")
+    if args.profile is not None and args.perf is not None:
+        parser.error("--profile and --perf each record the daemon: give one")
     size = args.size_mib * CHUNK
 
     with contextlib.ExitStack() as stack:
@@ -129,23 +141,29 @@ def main(argv: list[str] | None = None) -> int:
             if pid is None:
                 raise SystemExit("no pid file for the fusecache daemon")
             drop_caches()
-            spy = None
+            recorder = None  # py-spy or perf, recording the daemon while it reads
             if args.profile is not None:
-                spy = subprocess.Popen(
+                recorder = subprocess.Popen(
                     [spy_exe, "record", "-p", str(pid), "--native", "--threads", "-r", "100",
                      "-f", "raw", "-o", str(args.profile)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(1.0)  # py-spy attaches
+            elif args.perf is not None:
+                recorder = subprocess.Popen(
+                    ["perf", "record", "-g", "-p", str(pid), "-o", str(args.perf)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if recorder is not None:
+                time.sleep(1.0)  # it attaches
             threads0, own0 = ThreadTimes.of(pid), process_cpu_seconds(pid)
             cpu0, t0 = busy_cpu_seconds(), time.perf_counter()
             read_whole(mnt / FILE)
             took, cpu = time.perf_counter() - t0, busy_cpu_seconds() - cpu0
             t = ThreadTimes.between(pid, threads0, ThreadTimes.of(pid))
             daemon = process_cpu_seconds(pid) - own0
-            if spy is not None:
-                spy.send_signal(signal.SIGINT)
-                spy.wait(60)
-                progress(f"profile in {args.profile}", "cpu")
+            stats = read_stats(mnt)
+            if recorder is not None:
+                recorder.send_signal(signal.SIGINT)
+                recorder.wait(60)
+                progress(f"profile in {args.profile or args.perf}", "cpu")
 
         tick = os.sysconf("SC_CLK_TCK")
         print(f"fusecache:    {size / took / 1e6:5.0f} MB/s, machine {per_gb(cpu, size)} "
@@ -154,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
               f"system {per_gb(t.main_sys / tick, size)} CPU-s/GB")
         print(f"  daemon worker threads: user {per_gb(t.workers_user / tick, size)}, "
               f"system {per_gb(t.workers_sys / tick, size)} CPU-s/GB (those still alive)")
+        print(f"  daemon counters, in file sizes: served {stats['served_bytes'] / size:.2f} "
+              f"in {stats['read_requests']} requests, fed {stats['fed_bytes'] / size:.2f}, "
+              f"read from below {stats['lower_bytes'] / size:.2f}, "
+              f"on disk {stats['disk_used'] / size:.2f}")
     return 0
 
 
