@@ -74,7 +74,13 @@ class FileInterest:
         self.config = config
         self.contiguous = 0  # bytes [0, contiguous) have been read, give or take slack
         self.scattered = 0  # reads beyond that, after the head was read
+        self.head_read = 0  # bytes of the reads that made up the head
         self.triggered = False
+        # Triggered by a reader that read all of the head (but what the kernel's
+        # read-ahead has on its way): it streams through the file, and asks for
+        # what lies ahead itself. Reads that jump ahead within the slack make a
+        # head too, with holes: a loader's.
+        self.streamed = False
 
     def on_read(self, offset: int, size: int) -> bool:
         """Record a read; True exactly once, when the rest of the file should be fetched."""
@@ -84,8 +90,11 @@ class FileInterest:
             pass  # the head is read first, by a hash pass or a loader; a random reader may not
         elif offset <= self.contiguous + self.config.slack:
             self.contiguous = max(self.contiguous, offset + size)
+            self.head_read += size
         else:
             self.scattered += 1
+        self.streamed = (self.contiguous >= self.config.whole_file_after
+                         and self.head_read >= self.contiguous - self.config.slack)
         if (self.contiguous >= self.config.whole_file_after
                 or self.scattered >= self.config.whole_file_scattered_reads):
             self.triggered = True

@@ -25,7 +25,10 @@ from fusecache.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
-Feed = Callable[[int, Block], Awaitable[bool]]  # (block index, block) -> taken
+# Hands pieces of blocks, (block index, offset in the block, bytes), to the
+# kernel's page cache in one call; returns how many of them, in order, went in
+# (fs/pagecache.py).
+Feed = Callable[[list[tuple[int, int, Block]]], Awaitable[int]]
 
 
 @dataclass(frozen=True)
@@ -287,19 +290,31 @@ class BlockCache:
         elif key in self._memory and self._memory.kernel_holds(key, length):
             self._to_disk(key)
 
-    async def feed(self, f: CachedFile, idx: int, feed: Feed) -> None:
-        """Hand block *idx* of *f* to the kernel's page cache through *feed*, unless it holds it.
+    async def feed(self, f: CachedFile, first: int, count: int, feed: Feed) -> None:
+        """Hand blocks [first, first+count) of *f* to the kernel's page cache through *feed*.
 
-        A block it took counts as served to the kernel (see _served).
+        In one call, and of each block in memory only the pages the kernel lacks:
+        a reader's requests need not line up with blocks, so a block is often half
+        read when its fetch lands, and a store of the rest copies no page twice.
+        What the kernel took counts as served to it (see _served).
         """
-        key = (f.key, idx)
-        block = self._memory.get(key)
-        if block is None or self._memory.kernel_holds(key, len(block)):
-            return  # gone already (evicted, handed on), or the kernel read all of it
-        if await feed(idx, block):
+        pieces: list[tuple[int, int, Block]] = []
+        for idx in range(first, first + count):
+            key = (f.key, idx)
+            block = self._memory.get(key)
+            if block is None:
+                continue  # gone already (evicted, handed on)
+            pieces += [(idx, lo, memoryview(block)[lo:hi])
+                       for lo, hi in self._memory.kernel_lacks(key, len(block))]
+        if not pieces:
+            return
+        taken = await feed(pieces)
+        for idx, lo, data in pieces[:taken]:
+            key = (f.key, idx)
             self._flights.used(key)
             if self._disk is not None:
-                self._served(key, 0, len(block), len(block))
+                self._served(key, lo, lo + len(data), min(self.block_size,
+                                                           f.size - idx * self.block_size))
 
     # --- the disk tier -----------------------------------------------------
 

@@ -70,6 +70,22 @@ class MemoryTier:
             ((1 << (stop - first)) - 1) << first)
         return self.kernel_holds(key, length)
 
+    def kernel_lacks(self, key: BlockKey, length: int) -> list[tuple[int, int]]:
+        """The byte ranges [lo, hi) of a block of *length* bytes whose pages the kernel lacks."""
+        mask = self._kernel_pages.get(key, 0)
+        pages = -(-length // PAGE)
+        runs: list[tuple[int, int]] = []
+        page = 0
+        while page < pages:
+            if mask >> page & 1:
+                page += 1
+                continue
+            start = page
+            while page < pages and not mask >> page & 1:
+                page += 1
+            runs.append((start * PAGE, min(page * PAGE, length)))
+        return runs
+
     def kernel_holds(self, key: BlockKey, length: int) -> bool:
         """Whether the kernel was handed every page of a block of *length* bytes."""
         return self._kernel_pages.get(key) == (1 << -(-length // PAGE)) - 1

@@ -91,9 +91,9 @@ class FilePasses:
         returns it (None: every block was fetched or found here). The caller
         pins *f* for the fill, which releases the pin when it ends.
 
-        *feed* (block index, block) hands each block of the file the kernel does
-        not hold yet to its page cache, whether the fill fetched it or found it
-        in memory (or on its way), and says whether it did (BlockCache.feed).
+        *feed* hands the blocks of the file the kernel does not hold yet to its
+        page cache, a fetch's run at a time, whether the fill fetched them or found
+        them in memory (or on their way), and says which it took (BlockCache.feed).
         """
         cache = self._cache
         window = trio.Semaphore(parallel)
@@ -105,8 +105,7 @@ class FilePasses:
             failed = failed or flight.error
             window.release()
             if feed is not None and flight.error is None:
-                for idx in range(first, first + count):
-                    await cache.feed(f, idx, feed)
+                await cache.feed(f, first, count, feed)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -133,4 +132,4 @@ class FilePasses:
             await flight.done.wait()
             if flight.error is not None:
                 return
-        await self._cache.feed(f, idx, feed)
+        await self._cache.feed(f, idx, 1, feed)

