@@ -52,7 +52,7 @@ def identity_digest(file_key: Hashable, block_size: int) -> bytes:
     return hashlib.sha256(repr((file_key, block_size)).encode()).digest()
 
 
-def load_slot(path: Path, offset: int, expect: tuple[bytes, int, int], pool: BlockPool,
+def load_slot(path: str, offset: int, expect: tuple[bytes, int, int], pool: BlockPool,
           direct: bool) -> tuple[Block | None, str | None]:
     """Read the slot at *offset* of *path*; return its data, or what is wrong with it.
 
@@ -86,7 +86,7 @@ def load_slot(path: Path, offset: int, expect: tuple[bytes, int, int], pool: Blo
     return data, None
 
 
-def store_slot(path: Path, offset: int, header: bytes, data: Block, direct: bool) -> None:
+def store_slot(path: str, offset: int, header: bytes, data: Block, direct: bool) -> None:
     """Write a slot at *offset* of *path*: the header padded to DATA_OFFSET, then *data*.
 
     With O_DIRECT when *direct* (the caller checked the data allows it);
