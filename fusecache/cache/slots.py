@@ -29,7 +29,6 @@ import threading
 from collections.abc import Hashable
 from pathlib import Path
 
-import numpy as np
 import xxhash
 
 from fusecache.blockio import Block, BlockPool
@@ -139,10 +138,6 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 def whole_pages(length: int) -> bool:
     """O_DIRECT moves whole pages: a block's data may, a file's odd-sized tail may not."""
     return length % DATA_OFFSET == 0
-
-
-def page_aligned(data: Block) -> bool:
-    return int(np.frombuffer(memoryview(data), np.uint8).ctypes.data) % mmap.PAGESIZE == 0
 
 
 def accepts_direct_io(directory: Path) -> bool:
