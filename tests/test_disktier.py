@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from fusecache.blockio import BlockPool
 from fusecache.cache import disk, writestop
 from fusecache.cache.disk import DATA_OFFSET, FORMAT, UNIT, DiskTier
-from fusecache.cache.slots import page_aligned
 from fusecache.cachedir import SUBDIR
 from tests.ramp import ramp
 from tests.test_cachedir import tmpfs
@@ -234,21 +233,21 @@ def test_whole_blocks_in_pool_memory_move_with_o_direct(
         return real_open(path, flags, *args)
 
     monkeypatch.setattr("fusecache.cache.disk.os.open", recording_open)
-    assert tier.write(KEY, 0, whole) and tier.write(KEY, 1, tail)
+    aligned = pool.page_aligned
+    assert tier.write(KEY, 0, whole, aligned) and tier.write(KEY, 1, tail, aligned)
     assert load(tier, pool, KEY, 0) == bytes(whole)
     assert load(tier, pool, KEY, 1, 1000) == bytes(tail)
-    # A write goes direct when its buffer is page-aligned: the C pool's blocks
-    # always are, the twin's bytearrays only by chance of the allocator. A read
-    # goes direct into the C pool's blocks only. A tail block's odd length goes
-    # through the page cache either way.
-    assert opened == [page_aligned(whole), False, pool.page_aligned, False]
+    # Reads and writes go direct with the C pool's blocks, which are page aligned,
+    # not with the twin's bytearrays. A tail block's odd length goes through the
+    # page cache either way.
+    assert opened == [aligned, False, aligned, False]
     assert tier.validation_failures == 0
 
 
 def test_corruption_is_caught_on_the_o_direct_path(tmp_path: Path, pool: BlockPool) -> None:
     tier = tier_at(tmp_path / "c")
     [whole] = pool_blocks(tmp_path, pool, [BLOCK])
-    tier.write(KEY, 0, whole)
+    assert tier.write(KEY, 0, whole, pool.page_aligned)
     [path] = block_files(tmp_path / "c")
     with open(path, "r+b") as f:
         f.seek(DATA_OFFSET + BLOCK - 1)

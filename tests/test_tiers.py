@@ -54,6 +54,36 @@ async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path, impleme
 
 
 @pytest.mark.core
+async def test_whole_blocks_of_the_c_pool_go_to_disk_with_o_direct(
+        tmp_path: Path, implementation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spill writers and the unmount flush tell the disk tier the pool's blocks are
+    page aligned; the twin's bytearrays are not, so they go through the page cache."""
+    direct: list[bool] = []  # one per slot written
+    real_open = os.open
+
+    def recording_open(path: str, flags: int, *args: int) -> int:
+        if str(path).endswith(".blk") and flags & os.O_CREAT:
+            direct.append(bool(flags & os.O_DIRECT))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr("fusecache.cache.slots.os.open", recording_open)
+    whole = SIZE // MiB  # the short tail goes through the page cache either way
+    want = (whole + 1, whole if implementation == "native" else 0)
+    disk = DiskTier(tmp_path / "spilled", 1 << 30)
+    assert disk.direct_io, "ext4 and tmpfs take O_DIRECT"
+    async with make_core(tmp_path, 4 * MiB, disk, implementation) as core:
+        await read_settled(tmp_path, core)  # blocks leave memory for the spill writers
+        assert disk.used == SIZE and (len(direct), direct.count(True)) == want
+    direct.clear()
+    disk = DiskTier(tmp_path / "flushed", 1 << 30)
+    async with make_core(tmp_path, 64 * MiB, disk, implementation) as core:
+        await read_settled(tmp_path, core, os.O_RDONLY | os.O_DIRECT)  # memory keeps them
+        assert direct == []
+        await core.cache.flush_to_disk()  # what a clean unmount does
+        assert disk.used == SIZE and (len(direct), direct.count(True)) == want
+
+
+@pytest.mark.core
 async def test_blocks_the_kernel_holds_leave_memory_for_disk(tmp_path: Path,
                                                               implementation: str) -> None:
     disk = DiskTier(tmp_path / "cache", 1 << 30)

@@ -29,7 +29,6 @@ import threading
 from collections.abc import Hashable
 from pathlib import Path
 
-import numpy as np
 import xxhash
 
 from fusecache.blockio import Block, BlockPool
@@ -52,7 +51,7 @@ def identity_digest(file_key: Hashable, block_size: int) -> bytes:
     return hashlib.sha256(repr((file_key, block_size)).encode()).digest()
 
 
-def load_slot(path: Path, offset: int, expect: tuple[bytes, int, int], pool: BlockPool,
+def load_slot(path: str, offset: int, expect: tuple[bytes, int, int], pool: BlockPool,
           direct: bool) -> tuple[Block | None, str | None]:
     """Read the slot at *offset* of *path*; return its data, or what is wrong with it.
 
@@ -86,7 +85,7 @@ def load_slot(path: Path, offset: int, expect: tuple[bytes, int, int], pool: Blo
     return data, None
 
 
-def store_slot(path: Path, offset: int, header: bytes, data: Block, direct: bool) -> None:
+def store_slot(path: str, offset: int, header: bytes, data: Block, direct: bool) -> None:
     """Write a slot at *offset* of *path*: the header padded to DATA_OFFSET, then *data*.
 
     With O_DIRECT when *direct* (the caller checked the data allows it);
@@ -139,10 +138,6 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 def whole_pages(length: int) -> bool:
     """O_DIRECT moves whole pages: a block's data may, a file's odd-sized tail may not."""
     return length % DATA_OFFSET == 0
-
-
-def page_aligned(data: Block) -> bool:
-    return int(np.frombuffer(memoryview(data), np.uint8).ctypes.data) % mmap.PAGESIZE == 0
 
 
 def accepts_direct_io(directory: Path) -> bool:

@@ -34,8 +34,10 @@ class SpillQueue:
     # keep up.
     WRITERS = 4
 
-    def __init__(self, disk: DiskTier, nursery: trio.Nursery, budget: MemoryBudget) -> None:
+    def __init__(self, disk: DiskTier, nursery: trio.Nursery, budget: MemoryBudget,
+                 page_aligned: bool) -> None:
         self._disk = disk
+        self._page_aligned = page_aligned  # the blocks' pool says so (BlockPool.page_aligned)
         self._budget = budget
         self._waiting: dict[BlockKey, Block] = {}
         self._writes = Underway()  # keys queued for the writers
@@ -84,7 +86,8 @@ class SpillQueue:
             block = self._waiting.get(key)  # None: its file changed meanwhile
             try:
                 if block is not None:
-                    await trio.to_thread.run_sync(self._disk.write, *key, block)
+                    await trio.to_thread.run_sync(self._disk.write, *key, block,
+                                                  self._page_aligned)
             except Exception:
                 repeats.log(logging.ERROR, "writing a block to the disk cache failed",
                             exc_info=True)
@@ -111,7 +114,7 @@ class SpillQueue:
 
         async def writer() -> None:
             for key, block in pending:
-                if await trio.to_thread.run_sync(disk.write, *key, block):
+                if await trio.to_thread.run_sync(disk.write, *key, block, self._page_aligned):
                     written[0] += 1
                     written[1] += len(block)
 
