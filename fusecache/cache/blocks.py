@@ -72,7 +72,7 @@ class BlockCache:
         self.fetch_blocks = config.fetch_blocks
         self.budget = budget or MemoryBudget(memory_shares(config, SourceConfig()))
         self._pool = pool or new_pool(config.block_size)
-        self._spill = (SpillQueue(disk, nursery, self.budget, self._pool.page_aligned)
+        self._spill = (SpillQueue(disk, self.budget, self._pool.page_aligned)
                        if disk is not None else None)
         self._memory = MemoryTier(config.lru_bytes, config.passing_bytes, self._evicted)
         self._disk = disk
