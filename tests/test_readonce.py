@@ -163,7 +163,9 @@ async def test_header_then_scattered_reads_fetch_the_rest(core: FilesystemCore) 
     # Nothing else wants the whole file (no sha256 asked, no sequential reader).
     with trio.fail_after(20):
         await core.wait_idle()  # the fill the trigger started
-    assert core.cache.statistics().lower_bytes == SIZE
+    # Once, and the pages of the reads that showed a random reader (they move
+    # their pages only) before the fill.
+    assert SIZE <= core.cache.statistics().lower_bytes <= SIZE + 8 * 4096
 
 
 @pytest.mark.core

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             recorder = None  # py-spy or perf, recording the daemon while it reads
             if args.profile is not None:
                 recorder = subprocess.Popen(
-                    [spy_exe, "record", "-p", str(pid), "--native", "--threads", "-r", "100",
+                    [spy_exe, "record", "-p", str(pid), "--nonblocking", "--threads", "-r", "200",
                      "-f", "raw", "-o", str(args.profile)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             elif args.perf is not None:

@@ -141,8 +141,8 @@ class BlockCache:
         *kept* says the reader keeps what it is served (the kernel page cache
         does, unless the file was opened with O_DIRECT): see _served.
         *pages_only*: a random read within one block that is nowhere here reads
-        just its pages from below, and caches nothing: on an object store a
-        4 KiB read would otherwise move the whole 1 MiB block.
+        just its pages from below, and caches nothing: a 4 KiB read would
+        otherwise move the whole 1 MiB block, and wait for it.
         """
         end = min(offset + size, f.size)
         if offset >= end:

@@ -208,8 +208,7 @@ class Flights:
     async def read_pages(self, f: CachedFile, offset: int, end: int) -> Block:
         """The whole pages around bytes [offset, end) of one block, from below, not cached.
 
-        For a random read on a source where a request costs the bytes it moves
-        (an object store): see BlockCache.read. The caller checked that the block
+        For a random read: see BlockCache.read. The caller checked that the block
         is nowhere local; the block's own fetch, if one starts, is unaffected.
         """
         start, stop = offset - offset % PAGE, min(-(-end // PAGE) * PAGE, f.size)

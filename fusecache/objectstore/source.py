@@ -65,9 +65,6 @@ class ObjectSource(TimedCalls):
     the identity the core passes with each read.
     """
 
-    # A GET moves what it asks for: a random 4 KiB read reads 4 KiB, not 1 MiB.
-    small_reads = True
-
     def __init__(self, client: opendal.Operator, location: StoreLocation,
                  config: SourceConfig | None = None, threads: ThreadPolicy | None = None,
                  block_size: int = 1 << 20) -> None:  # CacheConfig.block_size's default
