@@ -54,13 +54,16 @@ def format_table(cases: list[CaseResult], local: CaseResult | None = None) -> st
 
 
 def _cpu(case: CaseResult) -> str:
-    """The daemon's CPU-seconds per GB of models switched to, first and second switches."""
-    if case.daemon_cpu_first is None or case.daemon_cpu_second is None:
-        return ""
+    """CPU-seconds per GB of models switched to, first and second switches: the whole
+    machine's, and the daemon's alone where there is one."""
     gb = case.total("size") / 1e9
     rounds = max(len(case.switches[0].second_runs), 1)
-    return (f"; daemon CPU {case.daemon_cpu_first / gb:.2f} s/GB on first switches, "
-            f"{case.daemon_cpu_second / (gb * rounds):.2f} s/GB on second")
+    line = (f"; CPU s/GB, first / second switches: machine {case.machine_cpu_first / gb:.2f}"
+            f" / {case.machine_cpu_second / (gb * rounds):.2f}")
+    if case.daemon_cpu_first is not None and case.daemon_cpu_second is not None:
+        line += (f", daemon {case.daemon_cpu_first / gb:.2f}"
+                 f" / {case.daemon_cpu_second / (gb * rounds):.2f}")
+    return line
 
 
 def format_ideal(cases: list[CaseResult], ideal: Ideal) -> str:

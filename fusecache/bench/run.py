@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import models, workload
 from .common import (
+    busy_cpu_seconds,
     daemon_pid,
     daemon_stats,
     direct_reclaim,
@@ -70,6 +71,11 @@ class CaseResult:
     # all rounds of second switches (/proc/PID/stat); None for the plain case.
     daemon_cpu_first: float | None = None
     daemon_cpu_second: float | None = None
+    # CPU-seconds the whole machine was busy during the first switches, and during
+    # the second switches (not the local loads timed between them): the reader,
+    # the daemon, the kernel, s3fs and the S3 server together.
+    machine_cpu_first: float = 0.0
+    machine_cpu_second: float = 0.0
 
     def total(self, attr: str) -> float:
         return sum(getattr(s, attr) or 0 for s in self.switches)
@@ -135,6 +141,7 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
     case = CaseResult(name)
     pid = daemon_pid(daemon) if daemon else None
     cpu_start = process_cpu_seconds(pid) if pid else 0.0
+    busy_start = busy_cpu_seconds()
     for i, model in enumerate(names, 1):
         path = root / model
         r = SwitchResult(model, path.stat().st_size)
@@ -142,6 +149,7 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
         progress(f"{name}: first switch {i}/{len(names)} {model} {r.first_s:.2f} s")
         case.switches.append(r)
     cpu_first = process_cpu_seconds(pid) if pid else 0.0
+    case.machine_cpu_first = busy_cpu_seconds() - busy_start
     if ideal is not None:
         for model in names:
             workload.page_in(ideal.local_root / model)
@@ -149,7 +157,9 @@ def run_case(name: str, root: Path, names: list[str], counter: Callable[[], int 
     reclaim_before, proactive_before = direct_reclaim(), proactive_reclaim()
     for round_ in range(1, rounds + 1):
         for i, r in enumerate(case.switches, 1):
+            busy = busy_cpu_seconds()
             r.add_second(*timed(workload.second_switch, root / r.model, counter))
+            case.machine_cpu_second += busy_cpu_seconds() - busy
             line = f"{r.second_runs[-1]:.2f} s"
             if ideal is not None:
                 local = ideal.local.switches[i - 1]
@@ -226,6 +236,8 @@ def run_bench(source: Path | None, names: list[str], scale: float, out_dir: Path
                    "proactive_reclaim_second": c.proactive_reclaim_second,
                    "daemon_cpu_first": c.daemon_cpu_first,
                    "daemon_cpu_second": c.daemon_cpu_second,
+                   "machine_cpu_first": c.machine_cpu_first,
+                   "machine_cpu_second": c.machine_cpu_second,
                    "switches": [asdict(s) for s in c.switches]} for c in cases],
         "daemon_statistics": daemons,
         "ideal": None if ideal is None else {
