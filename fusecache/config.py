@@ -227,6 +227,10 @@ class ReadaheadConfig:
     # safetensors header, then tensors faulted in through mmap). Eight scattered
     # reads is a loader at work, not a tool peeking at a header.
     whole_file_scattered_reads: int = 8
+    # A reader that read this much in order since its last jump streams through
+    # the file: it asks for what lies ahead of it itself, so a whole-file fetch
+    # does not also push that into the page cache (fs/pagecache.py).
+    streaming_after: int = 16 * MiB
     # Also hash every file fetched whole as it streams, so the user.fusecache.sha256
     # xattr answers at once. Off: the xattr hashes a file when first asked, from
     # the cache (fetching what is missing, once), and only a tool that asks pays.

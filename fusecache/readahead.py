@@ -30,6 +30,7 @@ class SequentialStream:
         self.window = 0
         self.fetched_until = 0  # read-ahead already asked for everything below this
         self.jumps = 0  # reads in a row that were not where the stream stood (a first read is)
+        self.streak = 0  # bytes read in order since the last jump
 
     @property
     def random(self) -> bool:
@@ -38,6 +39,17 @@ class SequentialStream:
         One alone may be a sequential reader's first read, or its start elsewhere.
         """
         return self.jumps >= 2
+
+    def heading_for(self, offset: int) -> bool:
+        """Whether this reader streams through the file and will ask for *offset* itself.
+
+        It read `streaming_after` in order since its last jump (a mapped loader's
+        faults come in short in-order runs, the kernel's read-around of each), and
+        *offset* is not behind it (the kernel's read-ahead asks out of order within
+        the slack).
+        """
+        return (self.streak >= self.config.streaming_after
+                and offset >= self.position - self.config.slack)
 
     def on_read(self, offset: int, size: int) -> tuple[int, int] | None:
         """Record a read; return the [start, end) range to fetch ahead, or None."""
@@ -51,8 +63,10 @@ class SequentialStream:
             self.window = min(max(self.window * 2, self.config.initial_window), self.max_window)
             self.position = max(self.position, end)
             self.jumps = 0
+            self.streak += size
         else:
             self.jumps += 1
+            self.streak = size
             self.window = 0
             self.position = end
             self.fetched_until = end

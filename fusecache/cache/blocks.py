@@ -25,10 +25,11 @@ from fusecache.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
-# Hands pieces of blocks, (block index, offset in the block, bytes), to the
-# kernel's page cache in one call; returns how many of them, in order, went in
+# A piece of a block: (block index, offset in the block, bytes).
+Piece = tuple[int, int, Block]
+# Hands pieces to the kernel's page cache in one call; returns those that went in
 # (fs/pagecache.py).
-Feed = Callable[[list[tuple[int, int, Block]]], Awaitable[int]]
+Feed = Callable[[list[Piece]], Awaitable[list[Piece]]]
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,7 @@ class BlockCache:
         read when its fetch lands, and a store of the rest copies no page twice.
         What the kernel took counts as served to it (see _served).
         """
-        pieces: list[tuple[int, int, Block]] = []
+        pieces: list[Piece] = []
         for idx in range(first, first + count):
             key = (f.key, idx)
             block = self._memory.get(key)
@@ -309,8 +310,7 @@ class BlockCache:
                        for lo, hi in self._memory.kernel_lacks(key, len(block))]
         if not pieces:
             return
-        taken = await feed(pieces)
-        for idx, lo, data in pieces[:taken]:
+        for idx, lo, data in await feed(pieces):
             key = (f.key, idx)
             self._flights.used(key)
             if self._disk is not None:

@@ -101,7 +101,7 @@ class FilesystemCore:
         self.answers = KnownAnswers(source, nursery)
         self.pagecache = PageCache(nursery, cache.block_size, invalidate,
                                    store if self.readahead.feed_page_cache else None,
-                                   self.versions.is_current)
+                                   self.versions.is_current, self._followed)
         self.readonce = ReadOnce(self.readahead, cache, parallel, nursery,
                                  self.pagecache, cache.disk)
         self.opener = Opener(source, nursery, self.answers, self.pagecache, self.versions,
@@ -296,6 +296,11 @@ class FilesystemCore:
         # mount's rate with whole blocks, 0.95x with pages).
         return await self.cache.read(f, offset, size, kept=handle.kernel_keeps,
                                      pages_only=handle.stream.random)
+
+    def _followed(self, ino: int, offset: int) -> bool:
+        """Whether a reader of *ino* streams through it and will ask for *offset* itself."""
+        return any(h.ino == ino and h.kernel_keeps and h.stream.heading_for(offset)
+                   for h in self._handles.values())
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

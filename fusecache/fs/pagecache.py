@@ -18,7 +18,7 @@ from collections.abc import Callable
 import trio
 
 from fusecache.blockio import Block
-from fusecache.cache.blocks import Feed
+from fusecache.cache.blocks import Feed, Piece
 from fusecache.fs.lowerfile import LowerFile
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,9 @@ class PageCache:
     *invalidate* (inode) drops an inode's pages; *store* (inode, offset, data)
     puts data in them, None: never. Both are called in a worker thread.
     *is_current* (inode, file) says whether *file* is still the version the
-    inode stands for.
+    inode stands for. *followed* (inode, offset) says whether a reader streams
+    through the inode towards *offset*: it will ask for those pages itself, and a
+    store of them would race its requests and copy them twice.
     """
 
     def __init__(
@@ -40,12 +42,14 @@ class PageCache:
         invalidate: Callable[[int], None],
         store: Callable[[int, int, Block], None] | None,
         is_current: Callable[[int, LowerFile], bool],
+        followed: Callable[[int, int], bool] = lambda ino, offset: False,
     ) -> None:
         self._nursery = nursery
         self._block_size = block_size
         self._invalidate = invalidate
         self._store = store
         self._is_current = is_current
+        self._followed = followed
         # Held around each store into the page cache and each invalidation of it,
         # so a store of an old version's bytes cannot land after the kernel was
         # told to drop that version's pages (see feeder).
@@ -86,11 +90,15 @@ class PageCache:
         if self._store is None:
             return None
 
-        async def feed(pieces: list[tuple[int, int, Block]]) -> int:
+        async def feed(pieces: list[Piece]) -> list[Piece]:
+            bs = self._block_size
+            pieces = [p for p in pieces if not self._followed(ino, p[0] * bs + p[1])]
+            if not pieces:
+                return []
             async with self._lock:
                 store = self._store
                 if store is None or not self._is_current(ino, f):
-                    return 0
+                    return []
                 # One thread hop for them all: a hop costs the loop more than the
                 # stores' bookkeeping (84 us of its time, measured).
                 taken, error = await trio.to_thread.run_sync(self._store_all, store, ino,
@@ -103,12 +111,12 @@ class PageCache:
                 log.debug("%s: page cache store of block %d: %s", f.display,
                           pieces[taken][0], error)
             self.fed_bytes += sum(len(data) for _, _, data in pieces[:taken])
-            return taken
+            return pieces[:taken]
 
         return feed
 
     def _store_all(self, store: Callable[[int, int, Block], None], ino: int,
-                   pieces: list[tuple[int, int, Block]]) -> tuple[int, OSError | None]:
+                   pieces: list[Piece]) -> tuple[int, OSError | None]:
         """Store pieces in order (in a worker thread): how many went in, and the error that
         stopped the rest."""
         for done, (idx, lo, data) in enumerate(pieces):
