@@ -229,8 +229,17 @@ class ReadaheadConfig:
     whole_file_scattered_reads: int = 8
     # A reader that read this much in order since its last jump streams through
     # the file: it asks for what lies ahead of it itself, so a whole-file fetch
-    # does not also push that into the page cache (fs/pagecache.py).
+    # does not also push that into the page cache (fs/pagecache.py). 16 MiB, as
+    # whole_file_after: four times the kernel's read-ahead (a mapped loader's
+    # read-around of one fault), more than any header a loader reads.
     streaming_after: int = 16 * MiB
+    # Within that, a read may skip this far ahead of the last and the reader
+    # still streams: the kernel's read-ahead (4 MiB) sends its requests out of
+    # order. A loader's faults skip further.
+    stream_holes: int = 4 * MiB
+    # A streaming reader that has not read for this long has stopped (or is
+    # left open after its last read): what lies ahead of it is fed again.
+    streaming_idle: float = 1.0
     # Also hash every file fetched whole as it streams, so the user.fusecache.sha256
     # xattr answers at once. Off: the xattr hashes a file when first asked, from
     # the cache (fetching what is missing, once), and only a tool that asks pays.

@@ -41,6 +41,8 @@ REQUEST_GRACE = 1.0
 # A store into the page cache takes a millisecond or two; one still going after
 # this is stuck on a page the kernel holds locked.
 PAGE_CACHE_GRACE = 1.5
+# How long an exit waits for the disk writes under way and queued (256 MiB at most).
+SPILL_GRACE = 5.0
 
 
 class MountError(Exception):
@@ -107,6 +109,10 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         with trio.move_on_after(config.cache.flush_on_unmount):
             await cache.flush_to_disk()
         nursery.cancel_scope.cancel()
+        # The fills stop; disk writes run in threads of their own, and one cut off by
+        # the exit would leave a torn slot (a miss next time, its checksum fails).
+        with trio.CancelScope(shield=True), trio.move_on_after(SPILL_GRACE):
+            await cache.wait_spilled()
 
 
 def _source(config: MountConfig, threads: ThreadPolicy) -> Source:

@@ -43,10 +43,10 @@ class SequentialStream:
     def heading_for(self, offset: int) -> bool:
         """Whether this reader streams through the file and will ask for *offset* itself.
 
-        It read `streaming_after` in order since its last jump (a mapped loader's
-        faults come in short in-order runs, the kernel's read-around of each), and
-        *offset* is not behind it (the kernel's read-ahead asks out of order within
-        the slack).
+        It read `streaming_after` in order since its last jump, none of its reads
+        skipping more than `stream_holes` ahead (a mapped loader's faults come in
+        short in-order runs, the kernel's read-around of each), and *offset* is not
+        behind it (the kernel's read-ahead asks out of order within the slack).
         """
         return (self.streak >= self.config.streaming_after
                 and offset >= self.position - self.config.slack)
@@ -61,9 +61,12 @@ class SequentialStream:
         slack = 0 if self.random else self.config.slack
         if self.position >= 0 and self.position - slack <= offset <= self.position + slack:
             self.window = min(max(self.window * 2, self.config.initial_window), self.max_window)
+            # A read that skips further ahead than the kernel's read-ahead does is
+            # in order for read-ahead, but starts a new streak.
+            in_stride = offset <= self.position + self.config.stream_holes
+            self.streak = self.streak + size if in_stride else size
             self.position = max(self.position, end)
             self.jumps = 0
-            self.streak += size
         else:
             self.jumps += 1
             self.streak = size
@@ -91,9 +94,9 @@ class FileInterest:
         self.head_read = 0  # bytes of the reads that made up the head
         self.triggered = False
         # Triggered by a reader that read all of the head (but what the kernel's
-        # read-ahead has on its way): it streams through the file, and asks for
-        # what lies ahead itself. Reads that jump ahead within the slack make a
-        # head too, with holes: a loader's.
+        # read-ahead has on its way) and nothing else: it streams through the file,
+        # and asks for what lies ahead itself. Reads that jump ahead within the
+        # slack make a head too, with holes: a loader's.
         self.streamed = False
 
     def on_read(self, offset: int, size: int) -> bool:
@@ -108,7 +111,8 @@ class FileInterest:
         else:
             self.scattered += 1
         self.streamed = (self.contiguous >= self.config.whole_file_after
-                         and self.head_read >= self.contiguous - self.config.slack)
+                         and self.scattered == 0
+                         and self.head_read >= self.contiguous - self.config.stream_holes)
         if (self.contiguous >= self.config.whole_file_after
                 or self.scattered >= self.config.whole_file_scattered_reads):
             self.triggered = True

@@ -6,6 +6,7 @@ import errno
 import mmap
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,28 @@ async def test_nothing_is_fed_once_the_file_changed(tmp_path: Path) -> None:
         await core.lookup(1, b"m")  # the kernel asks again and sees the new version
         assert not await feed([(1, 0, ramp(MiB, MiB))]), "the old version's bytes must not go in"
         assert list(kernel.stored) == [(ino, 0)]
+        pin.release()
+
+
+@pytest.mark.core
+async def test_what_a_streaming_reader_heads_for_is_left_to_it_while_it_reads(
+        tmp_path: Path) -> None:
+    kernel = PageCache()
+    async with make_core(tmp_path, 64 * MiB, store=kernel.store) as core:
+        core.readahead = replace(core.readahead, streaming_idle=0.2)
+        write_ramp(tmp_path / "src" / "m", SIZE)
+        fh = await open_file(core, b"m")
+        for off in range(0, 17 * MiB, MiB):  # streams: 16 MiB in order
+            await core.read(fh, off, MiB)
+        ino = (await core.lookup(1, b"m")).ino
+        pin, _ = await core.opener.open(ino, b"m")
+        feed = core.pagecache.feeder(ino, pin.file)
+        assert feed is not None
+        ahead, behind = (18, 0, ramp(18 * MiB, MiB)), (0, 0, ramp(0, MiB))
+        assert await feed([ahead, behind]) == [behind], "it asks for what lies ahead itself"
+        await trio.sleep(0.3)  # left open, read no more: it asks for nothing now
+        assert await feed([ahead]) == [ahead]
+        assert set(kernel.stored) == {(ino, 0), (ino, 18 * MiB)}
         pin.release()
 
 

@@ -137,3 +137,51 @@ def test_a_random_reader_landing_near_its_last_read_fetches_nothing_ahead() -> N
     assert stream.random
     assert stream.on_read(12 * MiB, 4096) is None  # within the slack, by chance
     assert stream.on_read(12 * MiB + 4096, 4096) is not None  # right where it ended: in order
+
+
+# --- who streams through a file (what page-cache feeding leaves to the reader) ---
+
+STREAM = ReadaheadConfig(slack=8 * MiB, streaming_after=16 * MiB, stream_holes=4 * MiB)
+
+
+def test_a_sequential_reader_streams_after_sixteen_mib_and_heads_for_what_lies_ahead() -> None:
+    s = SequentialStream(STREAM)
+    for i in range(16):
+        assert not s.heading_for(100 * MiB)
+        s.on_read(i * MiB, MiB)
+    assert s.heading_for(100 * MiB) and s.heading_for(16 * MiB)
+    assert not s.heading_for(0), "what lies well behind it, it has read"
+
+
+def test_a_mapped_loaders_read_around_runs_never_stream() -> None:
+    s = SequentialStream(STREAM)
+    s.on_read(0, 8)  # the header
+    # Each fault: the kernel's read-around, four 1 MiB requests in order, 6 MiB past the
+    # last: within the slack, so in order for read-ahead, but a hole wider than the
+    # kernel's read-ahead starts a new streak.
+    at = 0
+    for _ in range(20):
+        at += 6 * MiB
+        for k in range(4):
+            s.on_read(at + k * MiB, MiB)
+        at += 4 * MiB
+        assert not s.heading_for(at + 64 * MiB)
+
+
+def test_the_head_read_whole_is_a_stream_and_a_head_with_holes_or_scattered_reads_is_not() -> None:
+    whole = FileInterest(STREAM)
+    for i in range(16):
+        whole.on_read(i * MiB, MiB)
+    assert whole.triggered and whole.streamed
+
+    holes = FileInterest(STREAM)  # a loader's read-around, 6 MiB apart
+    for at in range(0, 40 * MiB, 7 * MiB):
+        holes.on_read(at, MiB)
+    assert holes.triggered and not holes.streamed
+
+    scattered = FileInterest(STREAM)
+    scattered.on_read(0, MiB)
+    scattered.on_read(200 * MiB, MiB)  # a tensor far away
+    for i in range(1, 16):
+        scattered.on_read(i * MiB, MiB)
+    assert scattered.triggered and not scattered.streamed

@@ -161,7 +161,7 @@ class BlockCache:
         for idx, lo, hi in spans:
             block = await self.block(f, idx, hi - lo)
             parts.append(memoryview(block)[lo:hi])
-        if kept and self._disk is not None:
+        if kept:
             for idx, lo, hi in spans:
                 self._served((f.key, idx), lo, hi, min(bs, f.size - idx * bs))
         return parts[0] if len(parts) == 1 else self._pool.join(parts)
@@ -183,8 +183,9 @@ class BlockCache:
         return key[0] in self._walks and key[1] >= self._walks[key[0]]
 
     def _to_disk(self, key: BlockKey) -> None:
-        """Move a block the kernel holds whole from memory to the disk tier."""
-        assert self._disk is not None and self._spill is not None
+        """Move a block the kernel holds whole from memory to the disk tier, if there is one."""
+        if self._disk is None or self._spill is None:
+            return  # memory is the only copy below the kernel's, and stays
         if self._disk.contains(*key):
             self._memory.discard(key)
         elif self._spill.has_room:
@@ -313,9 +314,8 @@ class BlockCache:
         for idx, lo, data in await feed(pieces):
             key = (f.key, idx)
             self._flights.used(key)
-            if self._disk is not None:
-                self._served(key, lo, lo + len(data), min(self.block_size,
-                                                           f.size - idx * self.block_size))
+            self._served(key, lo, lo + len(data), min(self.block_size,
+                                                       f.size - idx * self.block_size))
 
     # --- the disk tier -----------------------------------------------------
 

@@ -50,7 +50,7 @@ class SpillQueue:
         # every block.
         self._token = trio.lowlevel.current_trio_token()
         self._queued: deque[BlockKey] = deque()
-        self._writing = 0
+        self._writing: set[BlockKey] = set()
         # A key per waiting block, and as many again for keys whose file changed.
         self._max_queued = 2 * budget.shares.spilling // disk.block_size
 
@@ -88,16 +88,24 @@ class SpillQueue:
 
     def _start_writes(self) -> None:
         """Hand queued blocks to writer threads, up to WRITERS at a time."""
-        while self._queued and self._writing < self.WRITERS:
+        while self._queued and len(self._writing) < self.WRITERS:
             key = self._queued.popleft()
             block = self._waiting.get(key)
-            if block is None:  # its file changed meanwhile
+            # None: its file changed meanwhile. Being written: queued again after its
+            # file was forgotten and offered anew; the write under way does for both.
+            if block is None or key in self._writing:
                 self._writes.end()
                 continue
-            self._writing += 1
-            trio.lowlevel.start_thread_soon(
-                functools.partial(self._disk.write, *key, block, self._page_aligned),
-                functools.partial(self._report, key))
+            try:
+                trio.lowlevel.start_thread_soon(
+                    functools.partial(self._disk.write, *key, block, self._page_aligned),
+                    functools.partial(self._report, key), name="fusecache disk write")
+            except RuntimeError:  # no thread to be had: this block is not kept
+                repeats.log(logging.ERROR, "no thread for a disk cache write", exc_info=True)
+                self._budget.give_spilling(len(self._waiting.pop(key)))
+                self._writes.end()
+                continue
+            self._writing.add(key)
 
     def _report(self, key: BlockKey, result: outcome.Outcome[bool]) -> None:
         """In the writer thread: tell the loop the write ended."""
@@ -108,7 +116,7 @@ class SpillQueue:
 
     def _written(self, key: BlockKey, result: outcome.Outcome[bool]) -> None:
         """In the loop: a write ended; its memory goes back to the budget, the next starts."""
-        self._writing -= 1
+        self._writing.discard(key)
         if isinstance(result, outcome.Error):  # a bug or an odd file system: not kept
             repeats.log(logging.ERROR, "writing a block to the disk cache failed",
                         exc_info=result.error)

@@ -11,7 +11,7 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from itertools import count
 
@@ -65,6 +65,7 @@ class Handle:
     # The kernel keeps what it reads for this handle in its page cache (all
     # but O_DIRECT opens), so the cache need not keep a copy in memory.
     kernel_keeps: bool = True
+    last_read: float = float("-inf")  # trio.current_time() of its last read
 
     @property
     def file(self) -> LowerFile:
@@ -273,6 +274,7 @@ class FilesystemCore:
 
     async def read(self, fh: int, offset: int, size: int) -> Block:
         handle = self._handle(fh)
+        handle.last_read = trio.current_time()
         self.read_requests += 1
         f = handle.file
         opened = self.versions.opened(handle.ino)
@@ -297,10 +299,14 @@ class FilesystemCore:
         return await self.cache.read(f, offset, size, kept=handle.kernel_keeps,
                                      pages_only=handle.stream.random)
 
-    def _followed(self, ino: int, offset: int) -> bool:
-        """Whether a reader of *ino* streams through it and will ask for *offset* itself."""
-        return any(h.ino == ino and h.kernel_keeps and h.stream.heading_for(offset)
-                   for h in self._handles.values())
+    def _followed(self, file_key: Hashable, offset: int) -> bool:
+        """Whether a reader streams through the file version and will ask for *offset* itself.
+
+        Only a handle that read lately: one left open after its last read asks for nothing.
+        """
+        lately = trio.current_time() - self.readahead.streaming_idle
+        return any(h.last_read >= lately and h.kernel_keeps and h.file.key == file_key
+                   and h.stream.heading_for(offset) for h in self._handles.values())
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import trio
 
@@ -30,9 +30,9 @@ class PageCache:
     *invalidate* (inode) drops an inode's pages; *store* (inode, offset, data)
     puts data in them, None: never. Both are called in a worker thread.
     *is_current* (inode, file) says whether *file* is still the version the
-    inode stands for. *followed* (inode, offset) says whether a reader streams
-    through the inode towards *offset*: it will ask for those pages itself, and a
-    store of them would race its requests and copy them twice.
+    inode stands for. *followed* (file key, offset) says whether a reader streams
+    through that file version towards *offset*: it will ask for those pages
+    itself, and a store of them would race its requests and copy them twice.
     """
 
     def __init__(
@@ -42,7 +42,7 @@ class PageCache:
         invalidate: Callable[[int], None],
         store: Callable[[int, int, Block], None] | None,
         is_current: Callable[[int, LowerFile], bool],
-        followed: Callable[[int, int], bool] = lambda ino, offset: False,
+        followed: Callable[[Hashable, int], bool],
     ) -> None:
         self._nursery = nursery
         self._block_size = block_size
@@ -92,7 +92,7 @@ class PageCache:
 
         async def feed(pieces: list[Piece]) -> list[Piece]:
             bs = self._block_size
-            pieces = [p for p in pieces if not self._followed(ino, p[0] * bs + p[1])]
+            pieces = [p for p in pieces if not self._followed(f.key, p[0] * bs + p[1])]
             if not pieces:
                 return []
             async with self._lock:
@@ -120,6 +120,8 @@ class PageCache:
         """Store pieces in order (in a worker thread): how many went in, and the error that
         stopped the rest."""
         for done, (idx, lo, data) in enumerate(pieces):
+            if self._store is None:  # the session closes: no call may outlive it
+                return done, None
             try:
                 store(ino, idx * self._block_size + lo, data)
             except OSError as exc:

@@ -86,10 +86,12 @@ class ReadOnce:
         if interest is None:
             interest = self._interest[f.key] = FileInterest(self.config)
         if interest.on_read(offset, size):
+            # Followed: the streaming reader takes each block from memory as it
+            # lands, into the page cache (an O_DIRECT reader's stay in memory).
             self._fetch_whole(ino, f, feed and not interest.streamed,
-                              followed=interest.streamed)
+                              followed=interest.streamed and feed)
 
-    def _fetch_whole(self, ino: int, f: LowerFile, feed: bool, followed: bool = False) -> None:
+    def _fetch_whole(self, ino: int, f: LowerFile, feed: bool, followed: bool) -> None:
         """The read-once rule: fetch the rest of a wanted file now (and hash it, if so set).
 
         Only files the cache can keep until their reader comes (see _fits_whole);
