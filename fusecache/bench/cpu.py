@@ -12,8 +12,8 @@ thread (the trio loop: FUSE requests, replies, bookkeeping) and its worker threa
 during the read are missing from the split, not from the daemon's total.
 
 --perf FILE records it with `perf record -g` instead: the kernel's frames, and each
-worker thread by the name trio gives it for the call it runs ("notify_store from ...",
-"write from ..."): `perf report -i FILE --sort comm,dso`.
+worker thread by name (lower reads "run from ...Flights._fetch", disk writes "fusecache
+disk write", page-cache stores "_store_all from ..."): `perf report -i FILE --sort comm,dso`.
 
 --profile FILE records the daemon's Python stacks with py-spy (`pip install py-spy`;
 raw format, a stack a line, per thread) while it reads, without stopping it

@@ -82,7 +82,8 @@ class SpillQueue:
         return True
 
     def forget_file(self, file_key: Hashable) -> None:
-        """Drop a changed file's waiting blocks; their writers then find nothing."""
+        """Drop a changed file's waiting blocks: a write not started finds nothing; one under
+        way finishes, its slot under the old version's identity."""
         for doomed in [k for k in self._waiting if k[0] == file_key]:
             self._budget.give_spilling(len(self._waiting.pop(doomed)))
 
