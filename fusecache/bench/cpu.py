@@ -34,8 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusecache.mounted import read_stats
-
+from ..mounted import read_stats
 from .common import (
     busy_cpu_seconds,
     daemon_pid,

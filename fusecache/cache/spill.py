@@ -6,8 +6,8 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
-import outcome
 import trio
 
 from fusecache.blockio import Block
@@ -16,6 +16,9 @@ from fusecache.cache.disk import DiskTier
 from fusecache.cache.underway import Underway
 from fusecache.logrepeats import RepeatedLog
 from fusecache.lru import BlockKey
+
+if TYPE_CHECKING:
+    from outcome import Outcome
 
 log = logging.getLogger(__name__)
 repeats = RepeatedLog(log)  # what fails for one block tends to fail for the next
@@ -108,19 +111,21 @@ class SpillQueue:
                 continue
             self._writing.add(key)
 
-    def _report(self, key: BlockKey, result: outcome.Outcome[bool]) -> None:
+    def _report(self, key: BlockKey, result: Outcome[bool]) -> None:
         """In the writer thread: tell the loop the write ended."""
         try:
             self._token.run_sync_soon(self._written, key, result)
         except trio.RunFinishedError:
             pass  # the daemon is gone
 
-    def _written(self, key: BlockKey, result: outcome.Outcome[bool]) -> None:
+    def _written(self, key: BlockKey, result: Outcome[bool]) -> None:
         """In the loop: a write ended; its memory goes back to the budget, the next starts."""
         self._writing.discard(key)
-        if isinstance(result, outcome.Error):  # a bug or an odd file system: not kept
+        try:
+            result.unwrap()
+        except Exception:  # a bug or an odd file system: this block is not kept
             repeats.log(logging.ERROR, "writing a block to the disk cache failed",
-                        exc_info=result.error)
+                        exc_info=True)
         if (written := self._waiting.pop(key, None)) is not None:
             self._budget.give_spilling(len(written))
         self._writes.end()
