@@ -93,11 +93,15 @@ class FileInterest:
         self.scattered = 0  # reads beyond that, after the head was read
         self.head_read = 0  # bytes of the reads that made up the head
         self.triggered = False
-        # Triggered by a reader that read all of the head (but what the kernel's
-        # read-ahead has on its way) and nothing else: it streams through the file,
-        # and asks for what lies ahead itself. Reads that jump ahead within the
-        # slack make a head too, with holes: a loader's.
-        self.streamed = False
+
+    @property
+    def streamed(self) -> bool:
+        """Whether a reader read all of the head (but what the kernel's read-ahead has on
+        its way) and nothing else: it streams through the file, and asks for what lies
+        ahead itself. Reads that jump ahead within the slack make a head too, with
+        holes: a loader's. Settled once triggered (no read counts after)."""
+        return (self.contiguous >= self.config.whole_file_after and self.scattered == 0
+                and self.head_read >= self.contiguous - self.config.stream_holes)
 
     def on_read(self, offset: int, size: int) -> bool:
         """Record a read; True exactly once, when the rest of the file should be fetched."""
@@ -110,9 +114,6 @@ class FileInterest:
             self.head_read += size
         else:
             self.scattered += 1
-        self.streamed = (self.contiguous >= self.config.whole_file_after
-                         and self.scattered == 0
-                         and self.head_read >= self.contiguous - self.config.stream_holes)
         if (self.contiguous >= self.config.whole_file_after
                 or self.scattered >= self.config.whole_file_scattered_reads):
             self.triggered = True

@@ -163,7 +163,7 @@ class BlockCache:
             parts.append(memoryview(block)[lo:hi])
         if kept:
             for idx, lo, hi in spans:
-                self._served((f.key, idx), lo, hi, min(bs, f.size - idx * bs))
+                self._served((f.key, idx), lo, hi, self.block_length(f, idx))
         return parts[0] if len(parts) == 1 else self._pool.join(parts)
 
     def _served(self, key: BlockKey, lo: int, hi: int, length: int) -> None:
@@ -231,6 +231,10 @@ class BlockCache:
 
     def block_count(self, f: CachedFile) -> int:
         return -(-f.size // self.block_size)
+
+    def block_length(self, f: CachedFile, idx: int) -> int:
+        """Bytes in block *idx* of *f*: a whole block but the file's last."""
+        return min(self.block_size, f.size - idx * self.block_size)
 
     def prefetch(self, f: CachedFile, start: int, end: int, from_disk: bool = True) -> None:
         """Start fetching the blocks of bytes [start, end) that are neither cached nor coming.
@@ -314,8 +318,7 @@ class BlockCache:
         for idx, lo, data in await feed(pieces):
             key = (f.key, idx)
             self._flights.used(key)
-            self._served(key, lo, lo + len(data), min(self.block_size,
-                                                       f.size - idx * self.block_size))
+            self._served(key, lo, lo + len(data), self.block_length(f, idx))
 
     # --- the disk tier -----------------------------------------------------
 
