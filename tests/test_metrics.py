@@ -11,15 +11,10 @@ from pathlib import Path
 import pytest
 
 from fusecache import metrics
+from fusecache.bench.standin import free_port
 from fusecache.config import MiB
 from tests.conftest import fusecache_cmd, needs_fuse
 from tests.ramp import write_ramp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -35,7 +30,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 @pytest.mark.unit
 def test_the_metrics_address() -> None:
-    port = _free_port()
+    port = free_port()
     assert metrics.address(str(port)) == ("127.0.0.1", port), "a bare port is loopback"
     assert metrics.address(f"127.0.0.1:{port}") == ("127.0.0.1", port)
     assert metrics.address(f"[::1]:{port}")[1] == port
@@ -69,7 +64,7 @@ def test_metrics_scraped_over_loopback(tmp_path: Path, mount_factory) -> None:
     src = tmp_path / "src"
     src.mkdir()
     write_ramp(src / "f.bin", 5 * MiB + 3, seed=1)
-    port = _free_port()
+    port = free_port()
     m = mount_factory(src, "--metrics", str(port))
     (m.mnt / "f.bin").read_bytes()
     stats = m.settled()

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from fusecache.bench.standin import free_port
 from tests.conftest import force_unmount, fusecache_cmd, needs_fuse
 from tests.ramp import ramp
 
@@ -103,20 +103,13 @@ def test_the_entrypoint_mounts_then_becomes_command(entrypoint: Entrypoint) -> N
     assert os.path.ismount(entrypoint.mnt)  # the daemon serves on after run's exec
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.mount
 @needs_fuse
 def test_the_images_cmd_serves_the_mount_and_gets_the_platforms_signal(
         entrypoint: Entrypoint) -> None:
     data = ramp(0, 1 << 20, seed=9)
     (entrypoint.src / "model.bin").write_bytes(data)
-    port = str(_free_port())
+    port = str(free_port())
     swap = {"/models": str(entrypoint.mnt), "9000": port, "python": sys.executable}
     cmd = [swap.get(arg, arg) for arg in dockerfile_instruction("CMD")]
     proc = entrypoint.start(cmd)

@@ -106,7 +106,8 @@ class Standin:
         return int(m.group(1)) if m else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -193,7 +194,7 @@ def running_s3_server(root: Path, etag_hash: str = "") -> Iterator[S3Server]:
     *etag_hash* "MD5" gives objects real ETags, at the cost of reading every file
     the server lists.
     """
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         # --etag-hash "": by default rclone reads whole files to MD5 them for
         # every listing; OSS computes ETags at upload, so a read costs no hashing.
