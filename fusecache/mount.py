@@ -80,7 +80,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         # fetches a whole-file fill keeps registered (ReadOnce).
         core = FilesystemCore(source, cache, nursery, readahead=config.readahead,
                               invalidate=pyfuse3.invalidate_inode, store=store,
-                              parallel=config.lower.readahead_threads)
+                              parallel=config.lower.readahead_threads,
+                              keep_open=config.lower.keep_open)
         ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
         metrics = _start_metrics(config, core)
         options = set(pyfuse3.default_options)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fusecache.config import MiB
+from fusecache.config import MiB, SourceConfig
 from tests.conftest import Mount, needs_fuse
 from tests.ramp import ramp, write_ramp
 
@@ -82,6 +82,10 @@ def test_many_readers_stay_within_memory_and_leak_nothing(tmp_path: Path, mount_
     print(f"RSS peak {peak / MiB:.0f} MiB with --mem-cache {MEM / MiB:.0f} MiB")
     assert 0 < peak <= MEM + OVERHEAD, f"RSS peaked at {peak / MiB:.0f} MiB"
     m.settled()
+    # The lower fds stay open a while after their last reader (SourceConfig.keep_open).
+    end = time.monotonic() + SourceConfig.keep_open + 5
+    while _fds_and_threads(pid)[0] != fds_before and time.monotonic() < end:
+        time.sleep(0.2)
     assert _fds_and_threads(pid)[0] == fds_before, "the daemon holds fds it did not before"
     # Idle worker threads leave after trio's 10 s; none stays stuck.
     end = time.monotonic() + 20

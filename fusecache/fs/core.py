@@ -94,6 +94,7 @@ class FilesystemCore:
         readahead: ReadaheadConfig | None = None,
         store: Callable[[int, int, Block], None] | None = None,
         parallel: int = SourceConfig.readahead_threads,
+        keep_open: float = SourceConfig.keep_open,
     ) -> None:
         self.readahead = readahead or ReadaheadConfig()
         self.source = source
@@ -106,7 +107,8 @@ class FilesystemCore:
         self.readonce = ReadOnce(self.readahead, cache, parallel, nursery,
                                  self.pagecache, cache.disk)
         self.opener = Opener(source, nursery, self.answers, self.pagecache, self.versions,
-                             forget=(cache.forget_file, self.readonce.forget))
+                             forget=(cache.forget_file, self.readonce.forget),
+                             keep_open=keep_open)
         self.warming = Warming(self.opener, self.versions, self.readonce, cache, nursery,
                                source.timeout)
         self._path_of: dict[int, bytes] = {ROOT_INODE: b""}

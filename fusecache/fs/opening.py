@@ -11,7 +11,7 @@ from functools import partial
 import trio
 
 from fusecache.fs.answers import Asking, KnownAnswers, log_no_answer, unavailable
-from fusecache.fs.lowerfile import LowerFile, Pin
+from fusecache.fs.lowerfile import IdleFds, LowerFile, Pin
 from fusecache.fs.pagecache import PageCache
 from fusecache.fs.versions import Versions
 from fusecache.source_api import Identity, Source, Version
@@ -27,6 +27,7 @@ class Opener:
     found changed has its old version dropped: the kernel's pages through
     *pagecache*, and through each of *forget* (called with the old version's
     key) what else is kept by version: the cache's blocks, read-once state.
+    A lower fd nobody holds stays open *keep_open* seconds (see IdleFds).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class Opener:
         pagecache: PageCache,
         versions: Versions,
         forget: Sequence[Callable[[Hashable], None]],
+        keep_open: float = 0.0,
     ) -> None:
         self._source = source
         self._nursery = nursery
@@ -44,6 +46,7 @@ class Opener:
         self._pagecache = pagecache
         self._versions = versions
         self._forget = tuple(forget)
+        self.idle_fds = IdleFds(nursery, keep_open)
 
     def note_version(self, ino: int, path: bytes, version: Version) -> None:
         """Record the lower file's version; on a change drop the kernel's pages of it.
@@ -105,7 +108,7 @@ class Opener:
         if current is not None and not changed:
             lower = current
         else:
-            lower = LowerFile(ident, self._source, self._nursery)
+            lower = LowerFile(ident, self._source, self._nursery, self.idle_fds)
             # From here on, no store of an older version starts.
             self._versions.set_opened(ino, lower)
         pin = Pin(lower)
