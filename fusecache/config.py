@@ -190,8 +190,14 @@ class SourceConfig:
     # A lower file's fd stays open this long after its last reader and fetch are
     # done: s3fs and ossfs drop what they fetched for a file (50 MiB around each
     # read at a new place) at its last close, and a loader opens a model twice,
-    # for its header and then to map it, within milliseconds (fs/lowerfile.py).
+    # for its header and then to map it, within milliseconds (fs/keptfds.py).
     keep_open: float = 5.0
+    # At most this many kept at once, the one idle longest closed first: well
+    # within the daemon's fd limit (1024) beside handles, fetches and the disk tier.
+    keep_open_files: int = 64
+    # Never kept once open this long: s3fs answers stat from its cache while a file
+    # is open, so a file reopened every few seconds would never show a new version.
+    keep_open_max: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,7 @@ class ReadaheadConfig:
     # reads is a loader at work, not a tool peeking at a header or a zip's
     # directory: one fault's read-around is four 1 MiB requests (the kernel's
     # 4 MiB). Eight waited for a second fault, some 130 ms on the stand-in
-    # (mmap of a 512 MiB model: 1.01-1.03x plain with four, 0.97-0.99x with eight).
+    # (mmap of a 512 MiB model: 0.98-1.03x plain with four, 0.97-0.99x with eight).
     whole_file_scattered_reads: int = 4
     # A reader that read this much in order since its last jump streams through
     # the file: it asks for what lies ahead of it itself, so a whole-file fetch

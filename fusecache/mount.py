@@ -43,6 +43,9 @@ REQUEST_GRACE = 1.0
 PAGE_CACHE_GRACE = 1.5
 # How long an exit waits for the disk writes under way and queued (256 MiB at most).
 SPILL_GRACE = 5.0
+# Seconds an exit waits for the lower mount to close the fds kept after their last
+# reader (fs/keptfds.py); a hung one leaves them to the process's exit.
+KEPT_FDS_GRACE = 2.0
 
 
 class MountError(Exception):
@@ -81,7 +84,9 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         core = FilesystemCore(source, cache, nursery, readahead=config.readahead,
                               invalidate=pyfuse3.invalidate_inode, store=store,
                               parallel=config.lower.readahead_threads,
-                              keep_open=config.lower.keep_open)
+                              # An object store's fds hold nothing to keep.
+                              keep_open=config.lower.keep_open
+                              if isinstance(source, LowerSource) else 0.0)
         ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
         metrics = _start_metrics(config, core)
         options = set(pyfuse3.default_options)
@@ -107,6 +112,8 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
             if metrics is not None:  # waits for its loop's next turn, at most 0.5 s
                 metrics.stop()
         log.info("unmounted %s", config.mountpoint)
+        with trio.move_on_after(KEPT_FDS_GRACE):
+            await core.close_kept_fds()
         with trio.move_on_after(config.cache.flush_on_unmount):
             await cache.flush_to_disk()
         nursery.cancel_scope.cancel()

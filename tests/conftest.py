@@ -72,7 +72,9 @@ async def make_core(tmp_path: Path, mem: int, disk: DiskTier | None = None,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(source.run)
         cache = BlockCache(config, source, nursery, disk, pool)
-        yield FilesystemCore(source, cache, nursery, store=store)
+        core = FilesystemCore(source, cache, nursery, store=store)
+        yield core
+        await core.close_kept_fds()
         nursery.cancel_scope.cancel()
 
 

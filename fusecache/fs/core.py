@@ -22,6 +22,7 @@ from fusecache.cache.blocks import BlockCache
 from fusecache.config import ReadaheadConfig, SourceConfig
 from fusecache.errors import FsError
 from fusecache.fs.answers import KnownAnswers
+from fusecache.fs.keptfds import KeptFds
 from fusecache.fs.lowerfile import LowerFile, Pin
 from fusecache.fs.opening import Opener
 from fusecache.fs.pagecache import PageCache
@@ -108,7 +109,8 @@ class FilesystemCore:
                                  self.pagecache, cache.disk)
         self.opener = Opener(source, nursery, self.answers, self.pagecache, self.versions,
                              forget=(cache.forget_file, self.readonce.forget),
-                             keep_open=keep_open)
+                             kept=KeptFds(nursery, source, keep_open, SourceConfig.keep_open_files,
+                                          SourceConfig.keep_open_max))
         self.warming = Warming(self.opener, self.versions, self.readonce, cache, nursery,
                                source.timeout)
         self._path_of: dict[int, bytes] = {ROOT_INODE: b""}
@@ -206,6 +208,10 @@ class FilesystemCore:
 
     async def statfs(self) -> os.statvfs_result:
         return await self.answers.answer(("statfs",), self.source.statvfs)
+
+    async def close_kept_fds(self) -> None:
+        """Close the lower fds kept open after their last reader (fs/keptfds.py), and wait."""
+        await self.opener.kept.close_all()
 
     async def wait_idle(self) -> None:
         """Return once no block is on its way and no whole-file fill or hash is under way."""

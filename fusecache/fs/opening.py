@@ -11,10 +11,11 @@ from functools import partial
 import trio
 
 from fusecache.fs.answers import Asking, KnownAnswers, log_no_answer, unavailable
-from fusecache.fs.lowerfile import IdleFds, LowerFile, Pin
+from fusecache.fs.keptfds import KeptFds
+from fusecache.fs.lowerfile import LowerFile, Pin
 from fusecache.fs.pagecache import PageCache
 from fusecache.fs.versions import Versions
-from fusecache.source_api import Identity, Source, Version
+from fusecache.source_api import Identity, Source, SourceUnavailable, Version
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class Opener:
     found changed has its old version dropped: the kernel's pages through
     *pagecache*, and through each of *forget* (called with the old version's
     key) what else is kept by version: the cache's blocks, read-once state.
-    A lower fd nobody holds stays open *keep_open* seconds (see IdleFds).
+    A lower fd nobody holds stays open as long as *kept* keeps it (fs/keptfds.py).
     """
 
     def __init__(
@@ -38,7 +39,7 @@ class Opener:
         pagecache: PageCache,
         versions: Versions,
         forget: Sequence[Callable[[Hashable], None]],
-        keep_open: float = 0.0,
+        kept: KeptFds,
     ) -> None:
         self._source = source
         self._nursery = nursery
@@ -46,7 +47,7 @@ class Opener:
         self._pagecache = pagecache
         self._versions = versions
         self._forget = tuple(forget)
-        self.idle_fds = IdleFds(nursery, keep_open)
+        self.kept = kept
 
     def note_version(self, ino: int, path: bytes, version: Version) -> None:
         """Record the lower file's version; on a change drop the kernel's pages of it.
@@ -68,7 +69,7 @@ class Opener:
         """
         known = self._versions.opened(ino)
         if known is None or self._versions.shown(ino) != known.ident.version:
-            fd, ident = await self._source.open(path)
+            fd, ident = await self._open_lower(ino, path)
             return await self._adopt(ino, fd, ident)
         asking = self._answers.asking(("open", ino), partial(self._reopen, ino, path))
         if await self._answers.wait_fresh(asking):  # a pin was reserved for us, if it went well
@@ -84,13 +85,38 @@ class Opener:
     async def _reopen(self, ino: int, path: bytes, asking: Asking) -> None:
         """Open the lower file for open()'s askers: one pin for each still waiting."""
         try:
-            fd, ident = await self._source.open(path)
+            fd, ident = await self._open_lower(ino, path)
             pin, changed = await self._adopt(ino, fd, ident)
             with pin as lower:
                 asking.result = ([Pin(lower) for _ in range(asking.waiters)], changed)
         except Exception as exc:  # a background task: nothing may escape into the nursery
             asking.error = exc
             log_no_answer(f"{os.fsdecode(path)}: no fresh open", exc)
+
+    async def _open_lower(self, ino: int, path: bytes) -> tuple[int, Identity]:
+        """Open the lower file, never on what an older version's kept fd left loaded below.
+
+        s3fs and ossfs hand an open the state they hold for a path still open, pages
+        and all, while its stat may already be the new version's: those pages would
+        be cached as the new version's. So when the open shows a new version and the
+        old one's fd is only kept (fs/keptfds.py), that fd is closed, within the
+        source's timeout, and the file opened again on a clean slate. (A handle that
+        still reads the old version holds its fd open; that case remains.)
+        """
+        fd, ident = await self._source.open(path)
+        current = self._versions.opened(ino)
+        if current is None or current.key == ident.key():
+            return fd, ident
+        with trio.move_on_after(self._source.timeout) as waiting:
+            dropped = await self.kept.drop(current)
+        if waiting.cancelled_caught:
+            self._nursery.start_soon(self._source.close, fd)
+            raise SourceUnavailable(f"{os.fsdecode(path)}: closing the old version took "
+                                    f"longer than {self._source.timeout:g} s")
+        if not dropped:
+            return fd, ident
+        await self._source.close(fd)
+        return await self._source.open(path)
 
     async def _adopt(self, ino: int, fd: int, ident: Identity) -> tuple[Pin, bool]:
         """Make *ident*, just opened as *fd*, the current version of *ino*; return a pin on it.
@@ -108,7 +134,7 @@ class Opener:
         if current is not None and not changed:
             lower = current
         else:
-            lower = LowerFile(ident, self._source, self._nursery, self.idle_fds)
+            lower = LowerFile(ident, self._source, self._nursery, self.kept)
             # From here on, no store of an older version starts.
             self._versions.set_opened(ino, lower)
         pin = Pin(lower)

@@ -1,0 +1,101 @@
+"""Lower fds kept open a while after their last reader, for the lower mount's sake.
+
+s3fs and ossfs keep what they fetched for a file only while it is open, and
+fetch far more than asked: a 1 MiB read at a new place loads 50 MiB there
+(multipart_size x parallel_count), and the last close drops it. A loader opens a
+model once for its header and again to map it, within milliseconds; closing the
+lower fd in between made the store send those 50 MiB again (docs/design.md,
+"Lower fds kept open a while").
+
+The protocol, with LowerFile (fs/lowerfile.py):
+- A file is in `_since` exactly while it has no pin and an open fd. Its last
+  unpin calls `idle()`; a pin taken again calls `busy()` before anything uses the
+  fd (`Pin` pins in its constructor, before `attach` or `lower_fd`).
+- An idle fd closes *linger* seconds after its last unpin; at once when more
+  than *most* are idle (the one idle longest first: the daemon's fd limit) or
+  when it has been open *max_age* already, so a file reopened every few seconds
+  does not keep one fd, and the lower mount's view of it, forever (s3fs answers
+  stat from its cache while the file is open).
+- A new version must not inherit the old one's loaded pages: s3fs and ossfs hand
+  an open the state already held for that path, whose pages then pass for the
+  new version's. `drop()` closes the old version's idle fd, and waits, before
+  the opener trusts an open of the new one (fs/opening.py).
+- At unmount `close_all()` closes what is left; a cancelled wait leaves the fds
+  to the process's exit.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from fusecache.fs.lowerfile import LowerFile
+from fusecache.source_api import Source
+
+
+class KeptFds:
+    """The idle lower fds, oldest first, and the task that closes them when their time is up.
+
+    *linger* 0 closes each at its last unpin (the object-store source: its fds
+    hold no connection and nothing loaded).
+    """
+
+    def __init__(self, nursery: trio.Nursery, source: Source, linger: float, most: int,
+                 max_age: float) -> None:
+        self._nursery = nursery
+        self._source = source
+        self._linger = linger
+        self._most = most
+        self._max_age = max_age
+        self._since: dict[LowerFile, float] = {}  # idle since (trio time), oldest first
+        self._closing = False  # _close_when_due runs
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+    def idle(self, f: LowerFile) -> None:
+        """*f* lost its last pin, with its fd open."""
+        now = trio.current_time()
+        if self._linger <= 0 or now - f.opened_at >= self._max_age:
+            f.close_idle()
+            return
+        self._since[f] = now
+        while len(self._since) > self._most:
+            oldest = next(iter(self._since))
+            del self._since[oldest]
+            oldest.close_idle()
+        if not self._closing:
+            self._closing = True
+            self._nursery.start_soon(self._close_when_due)
+
+    def busy(self, f: LowerFile) -> None:
+        """*f* is pinned again: its fd is in use, not idle."""
+        self._since.pop(f, None)
+
+    async def drop(self, f: LowerFile) -> bool:
+        """Close *f*'s fd if it is only kept, and wait for the lower mount; whether it was."""
+        if self._since.pop(f, None) is None:
+            return False
+        fd = f.take_idle_fd()
+        if fd is None:
+            return False
+        await self._source.close(fd)
+        return True
+
+    async def close_all(self) -> None:
+        """Close every kept fd and wait (at unmount)."""
+        while self._since:
+            await self.drop(next(iter(self._since)))
+
+    async def _close_when_due(self) -> None:
+        # The first entry is the oldest, so its time is up first.
+        try:
+            while self._since:
+                f, since = next(iter(self._since.items()))
+                wait = since + self._linger - trio.current_time()
+                if wait > 0:
+                    await trio.sleep(wait)
+                    continue
+                del self._since[f]
+                f.close_idle()
+        finally:
+            self._closing = False

@@ -1,0 +1,174 @@
+"""Lower fds kept open after their last reader (fs/keptfds.py), and what a new version does."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from fusecache.config import MiB, ReadaheadConfig
+from fusecache.fs.core import ROOT_INODE, FilesystemCore
+from fusecache.fs.keptfds import KeptFds
+from fusecache.fs.lowerfile import LowerFile, Pin
+from fusecache.readahead import FileInterest
+from fusecache.source import LowerSource
+from fusecache.source_api import Identity
+from tests.conftest import make_core
+from tests.ramp import ramp, write_ramp
+
+pytestmark = pytest.mark.core
+
+
+class CountingSource(LowerSource):
+    """The lower directory, noting the opens and closes asked of it, in order."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.calls: list[tuple[str, int]] = []
+
+    async def open(self, path: bytes) -> tuple[int, Identity]:
+        fd, ident = await super().open(path)
+        self.calls.append(("open", fd))
+        return fd, ident
+
+    async def close(self, fd: int) -> None:
+        self.calls.append(("close", fd))
+        await super().close(fd)
+
+    @property
+    def closed(self) -> list[int]:
+        return [fd for what, fd in self.calls if what == "close"]
+
+
+async def _file(source: CountingSource, nursery: trio.Nursery, kept: KeptFds,
+                name: str) -> tuple[LowerFile, int]:
+    """A LowerFile whose fd was opened, pinned and released once: idle from now."""
+    (Path(os.fsdecode(source.root)) / name).write_bytes(b"x")
+    fd, ident = await source.open(name.encode())
+    f = LowerFile(ident, source, nursery, kept)
+    with Pin(f):
+        f.attach(fd)
+    return f, fd
+
+
+async def test_an_idle_fd_closes_its_linger_after_the_last_release(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    source = CountingSource(tmp_path)
+    async with trio.open_nursery() as nursery:
+        kept = KeptFds(nursery, source, linger=5.0, most=64, max_age=60.0)
+        f, fd = await _file(source, nursery, kept, "model")  # idle from t=0
+        mock_clock.autojump_threshold = 0  # after the open: it waits on a thread
+        await trio.sleep(3)
+        Pin(f).release()  # a loader opened it again, same fd: idle again from t=3
+        await trio.sleep(4)
+        assert f.fd == fd and source.closed == [], "the linger counts from the last release"
+        await trio.sleep(2)
+        assert f.fd is None and source.closed == [fd] and len(kept) == 0
+
+
+async def test_an_fd_open_past_its_max_age_closes_at_its_last_release(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    source = CountingSource(tmp_path)
+    async with trio.open_nursery() as nursery:
+        kept = KeptFds(nursery, source, linger=5.0, most=64, max_age=30.0)
+        f, fd = await _file(source, nursery, kept, "model")
+        mock_clock.autojump_threshold = 0
+        for _ in range(10):  # reopened every 4 s: kept between opens, until it is 30 s old
+            await trio.sleep(4)
+            Pin(f).release()
+        await trio.sleep(0.1)
+        assert f.fd is None and source.closed == [fd]
+
+
+async def test_past_the_most_the_fd_idle_longest_closes_at_once(tmp_path: Path) -> None:
+    source = CountingSource(tmp_path)
+    async with trio.open_nursery() as nursery:
+        kept = KeptFds(nursery, source, linger=60.0, most=2, max_age=60.0)
+        files = [await _file(source, nursery, kept, f"m{i}") for i in range(3)]
+        await trio.sleep(0.1)
+        assert [f.fd for f, _ in files] == [None, files[1][1], files[2][1]]
+        assert source.closed == [files[0][1]]
+        await kept.close_all()
+        assert sorted(source.closed) == sorted(fd for _, fd in files) and len(kept) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_with_no_linger_the_fd_closes_with_the_last_pin(tmp_path: Path) -> None:
+    source = CountingSource(tmp_path)
+    async with trio.open_nursery() as nursery:
+        kept = KeptFds(nursery, source, linger=0.0, most=64, max_age=60.0)
+        f, fd = await _file(source, nursery, kept, "model")
+        await trio.sleep(0.1)
+        assert f.fd is None and source.closed == [fd] and len(kept) == 0
+
+
+@pytest.fixture
+async def counted_core(tmp_path: Path) -> AsyncIterator[tuple[FilesystemCore, CountingSource]]:
+    async with make_core(tmp_path, 64 * MiB) as core:
+        source = CountingSource(tmp_path / "src")
+        core.source = core.opener._source = source  # the opener's opens and closes, counted
+        core.opener.kept._source = source
+        yield core, source
+
+
+async def _open(core: FilesystemCore, name: bytes) -> int:
+    attr = await core.lookup(ROOT_INODE, name)
+    fh, _ = await core.open(attr.ino, os.O_RDONLY)
+    return fh
+
+
+async def test_a_file_opened_again_soon_reads_through_the_same_lower_fd(
+        counted_core: tuple[FilesystemCore, CountingSource]) -> None:
+    core, source = counted_core
+    write_ramp(Path(os.fsdecode(source.root)) / "m", 3 * MiB)
+    fh = await _open(core, b"m")
+    first = core._handles[fh].file
+    kept_fd = first.fd
+    assert bytes(await core.read(fh, 0, 4096)) == ramp(0, 4096)
+    core.release(fh)  # the header read is done
+    await trio.sleep(0.05)
+    assert first.fd == kept_fd and len(core.opener.kept) == 1
+    fh = await _open(core, b"m")  # and the loader maps it
+    assert core._handles[fh].file is first and first.fd == kept_fd
+    assert bytes(await core.read(fh, MiB, 4096)) == ramp(MiB, 4096)
+    await trio.sleep(0.05)
+    opened = [fd for what, fd in source.calls if what == "open"]
+    assert kept_fd not in source.closed and set(source.closed) == set(opened) - {kept_fd}, \
+        "each fresh open's fd is closed; the kept one stays"
+    core.release(fh)
+
+
+async def test_a_new_version_is_opened_anew_after_the_old_ones_kept_fd_closes(
+        counted_core: tuple[FilesystemCore, CountingSource]) -> None:
+    """s3fs and ossfs hand an open what a still open fd loaded: it must be closed first."""
+    core, source = counted_core
+    path = Path(os.fsdecode(source.root)) / "m"
+    write_ramp(path, 3 * MiB, seed=1)
+    fh = await _open(core, b"m")
+    old_fd = core._handles[fh].file.fd
+    assert old_fd is not None
+    core.release(fh)
+    write_ramp(path, 2 * MiB, seed=2)
+    os.utime(path, ns=(1, 10**18))
+    source.calls.clear()
+    fh = await _open(core, b"m")
+    calls = source.calls
+    assert calls[0][0] == "open" and calls[1] == ("close", old_fd), calls
+    assert calls[2] == ("close", calls[0][1]) and calls[3][0] == "open", \
+        "the open made while the old fd was open is closed, and the file opened again"
+    assert core._handles[fh].file.fd == calls[3][1]
+    assert bytes(await core.read(fh, 0, 2 * MiB)) == ramp(0, 2 * MiB, seed=2)
+    core.release(fh)
+
+
+def test_with_the_defaults_four_scattered_reads_after_the_head_want_the_file_whole() -> None:
+    """One mapped fault's read-around (four 1 MiB requests) fires it; three reads do not."""
+    for reads, fires in ((3, False), (4, True)):
+        interest = FileInterest(ReadaheadConfig())
+        assert not interest.on_read(0, 4096)  # the header
+        got = [interest.on_read((400 + i) * MiB, MiB) for i in range(reads)]
+        assert any(got) == fires
