@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from fusecache.config import MiB, ReadaheadConfig
 from fusecache.errors import FsError
 from fusecache.fs.core import FilesystemCore
-from fusecache.fs.lowerfile import Pin
 from fusecache.fs.readonce import SHA256_XATTR
 from tests.conftest import Mount, force_unmount, fusecache_cmd, make_core, needs_fuse
 from tests.ramp import ramp, write_ramp
@@ -324,40 +323,3 @@ async def test_a_random_read_fetches_only_its_block(core: FilesystemCore) -> Non
     assert bytes(await core.read(fh, off, 4096)) == ramp(off, 4096)
     await core.wait_idle()
     assert core.cache.statistics().lower_bytes == core.cache.block_size
-
-
-@pytest.mark.core
-async def test_read_ahead_leaves_disk_blocks_alone_while_a_fill_runs(
-        core: FilesystemCore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a fill put on disk was handed to the kernel moments ago: not read back for it."""
-    write_ramp(src_of(core) + "/m", SIZE)
-    asked: list[bool] = []
-    prefetch = core.cache.prefetch
-
-    def recording(f: Any, start: int, end: int, from_disk: bool = True) -> None:
-        asked.append(from_disk)
-        prefetch(f, start, end, from_disk)
-
-    monkeypatch.setattr(core.cache, "prefetch", recording)
-    release = trio.Event()
-
-    async def held_fill(*args: Any) -> None:
-        await release.wait()
-
-    monkeypatch.setattr(core.readonce.passes, "fill", held_fill)
-    fh = await open_file(core, b"m")
-    f = core._handles[fh].file
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(core.readonce.fill, 0, Pin(f), True)
-        await trio.sleep(0.01)
-        assert core.readonce.filling(f.key)
-        for off in range(0, 4 * MiB, MiB):
-            await core.read(fh, off, MiB)
-        assert asked and not any(asked), "no read-ahead from disk while the fill runs"
-        release.set()
-    assert not core.readonce.filling(f.key)
-    asked.clear()
-    for off in range(4 * MiB, 8 * MiB, MiB):
-        await core.read(fh, off, MiB)
-    assert asked and all(asked), "read-ahead reads disk blocks again once it is done"
-    core.release(fh)

@@ -347,3 +347,32 @@ def test_kill_9_mid_read_leaves_no_bad_block(tmp_path: Path, mount_factory) -> N
     m2 = mount_factory(src, cache_dir=cache)
     assert (m2.mnt / "model.bin").read_bytes() == ramp(0, size, seed=4)
     assert m2.stats()["validation_failures"] == 0
+
+
+@pytest.mark.core
+async def test_read_ahead_leaves_on_disk_what_the_kernel_took_during_a_fill(
+        tmp_path: Path, implementation: str) -> None:
+    """Blocks the kernel took whole while a fill ran went on to disk. A page-cache reader's
+    read-ahead leaves them there while the fill runs (they would come back as copies); an
+    O_DIRECT reader's reads them, and so does everyone's once the fill has ended."""
+    disk = DiskTier(tmp_path / "cache", 1 << 30)
+    async with make_core(tmp_path, 64 * MiB, disk, implementation) as core:
+        write_ramp(tmp_path / "src" / "f", SIZE)
+        fh = await open_file(core, b"f")
+        f = core._handles[fh].file
+        core.cache.fill_started(f.key)  # as FilePasses.fill does
+        assert await read_all(core, fh, SIZE) == ramp(0, SIZE)  # the kernel holds it all
+        await core.wait_idle()
+        with trio.fail_after(20):
+            await core.cache.wait_spilled()
+        half = SIZE // 2
+        core.cache.prefetch(f, 0, half, kernel_keeps=True)
+        assert core.cache.fetching == 0, "read back from disk while the fill runs"
+        core.cache.prefetch(f, 0, half, kernel_keeps=False)
+        assert core.cache.fetching > 0, "an O_DIRECT reader's read-ahead reads them"
+        core.cache.fill_ended(f.key)
+        core.cache.prefetch(f, half, SIZE, kernel_keeps=True)
+        assert core.cache.fetching > half // MiB, "after the fill, read-ahead reads disk again"
+        await core.wait_idle()
+        assert core.cache.statistics().lower_bytes == SIZE
+        core.release(fh)

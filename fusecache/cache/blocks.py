@@ -6,6 +6,7 @@ The concurrency protocol is written down in docs/design.md.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
@@ -86,6 +87,10 @@ class BlockCache:
         self._served_disk = 0
         self._walks: dict[Hashable, int] = {}  # file key -> the block a walk waits for
         self._handed_to_kernel = 0
+        # While a whole-file fill of a file runs: the blocks it saw memory hand on to
+        # disk because the kernel held them whole (see prefetch), and how many fills.
+        self._handed_in_fill: dict[Hashable, set[int]] = {}
+        self._fills: Counter[Hashable] = Counter()
 
     def statistics(self) -> CacheStatistics:
         flights = self._flights
@@ -196,6 +201,9 @@ class BlockCache:
         else:
             return  # the writers are behind, or the disk is full: it stays until evicted
         self._handed_to_kernel += 1
+        handed = self._handed_in_fill.get(key[0])
+        if handed is not None:
+            handed.add(key[1])
 
     def _evicted(self, key: BlockKey, block: Block) -> None:
         """A block leaves memory (evicted, or kept out by the scan rule): to the disk tier."""
@@ -236,17 +244,37 @@ class BlockCache:
         """Bytes in block *idx* of *f*: a whole block but the file's last."""
         return min(self.block_size, f.size - idx * self.block_size)
 
-    def prefetch(self, f: CachedFile, start: int, end: int, from_disk: bool = True) -> None:
+    def prefetch(self, f: CachedFile, start: int, end: int, from_disk: bool = True,
+                 kernel_keeps: bool = False) -> None:
         """Start fetching the blocks of bytes [start, end) that are neither cached nor coming.
 
-        Without *from_disk*, blocks on disk are left there.
+        Without *from_disk*, blocks on disk are left there. *kernel_keeps*: the
+        reader looks in the page cache, so the blocks a fill running now saw go to
+        disk because the kernel held them whole are left there too: read back,
+        they would only come to memory as copies (a mapped loader's read-ahead
+        read 120 of a cold 512 MiB model's 512 blocks back from disk this way).
         """
         bs = self.block_size
         idx, last = start // bs, (min(end, f.size) - 1) // bs
+        handed = self._handed_in_fill.get(f.key, ()) if kernel_keeps else ()
         while idx <= last:
+            if idx in handed:
+                idx += 1
+                continue
             started = self._flights.start(f, idx, min(self.fetch_blocks, last - idx + 1),
                                           readahead=True, from_disk=from_disk)
             idx += max(started, 1)
+
+    def fill_started(self, key: Hashable) -> None:
+        """A whole-file fill of file version *key* begins (see prefetch)."""
+        self._fills[key] += 1
+        self._handed_in_fill.setdefault(key, set())
+
+    def fill_ended(self, key: Hashable) -> None:
+        self._fills[key] -= 1
+        if not self._fills[key]:
+            del self._fills[key]
+            del self._handed_in_fill[key]
 
     # --- what the daemon's own passes (cache/passes.py) ask ------------------
 

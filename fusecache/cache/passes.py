@@ -107,6 +107,7 @@ class FilePasses:
             if feed is not None and flight.error is None:
                 await cache.feed(f, first, count, feed)
 
+        cache.fill_started(f.key)
         try:
             async with trio.open_nursery() as nursery:
                 idx, nblocks = 0, cache.block_count(f)
@@ -122,6 +123,7 @@ class FilePasses:
                     nursery.start_soon(settle, flight, idx, started)
                     idx += started
         finally:
+            cache.fill_ended(f.key)
             f.unpin()
         return failed
 

@@ -297,10 +297,7 @@ class FilesystemCore:
                           "handle opened it")
         ahead = handle.stream.on_read(offset, size)
         if ahead is not None:
-            # While a fill fetches the file, what lies on disk was handed to the kernel
-            # moments ago (fed, or served): read back, it would only come to memory as
-            # a copy (a cold mmap pass read 12% of the file back from disk this way).
-            self.cache.prefetch(f, *ahead, from_disk=not self.readonce.filling(f.key))
+            self.cache.prefetch(f, *ahead, kernel_keeps=handle.kernel_keeps)
         # An O_DIRECT reader would not look in the page cache for what is fed.
         self.readonce.on_read(handle.ino, f, offset, size, feed=handle.kernel_keeps)
         # A random reader's reads move their pages only. From an object store a

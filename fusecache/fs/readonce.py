@@ -13,7 +13,6 @@ import errno
 import hashlib
 import logging
 import re
-from collections import Counter
 from collections.abc import Hashable
 from typing import Protocol
 
@@ -64,7 +63,6 @@ class ReadOnce:
         self._interest: dict[Hashable, FileInterest] = {}  # by file version
         self._sha256: dict[Hashable, str] = {}  # by file version
         self._hashing: dict[Hashable, trio.Event] = {}  # by file version: set when it ends
-        self._filling: Counter[Hashable] = Counter()  # whole-file fills under way, by version
 
     def forget(self, key: Hashable) -> None:
         """Drop what is known of a file version that is no longer current."""
@@ -120,18 +118,7 @@ class ReadOnce:
         *feed*: into the kernel's page cache of inode *ino* too. Takes the pin.
         """
         feeder = self._pagecache.feeder(ino, pin.file) if feed else None
-        key = pin.file.key
-        self._filling[key] += 1
-        try:
-            return await self.passes.fill(pin.give(), self._parallel, feeder)
-        finally:
-            self._filling[key] -= 1
-            if not self._filling[key]:
-                del self._filling[key]
-
-    def filling(self, key: Hashable) -> bool:
-        """Whether a whole-file fill of the file version is under way."""
-        return key in self._filling
+        return await self.passes.fill(pin.give(), self._parallel, feeder)
 
     def _fits_whole(self, f: LowerFile, handed_on: bool) -> bool:
         """Whether a whole-file fetch of *f* keeps what it fetches until a reader wants it.
