@@ -63,10 +63,12 @@ def pool(implementation: str) -> blockio.BlockPool:
 async def make_core(tmp_path: Path, mem: int, disk: DiskTier | None = None,
                     implementation: str = "native",
                     store: Callable[[int, int, Block], None] | None = None,
+                    source: LowerSource | None = None,
                     ) -> AsyncIterator[FilesystemCore]:
+    """A FilesystemCore over tmp_path/src (through *source*, a LowerSource of it, if given)."""
     src = tmp_path / "src"
     src.mkdir(exist_ok=True)
-    source = LowerSource(src)
+    source = source or LowerSource(src)
     config = replace(CacheConfig(), mem_bytes=mem)
     pool = pool_class(implementation)(config.block_size)
     async with trio.open_nursery() as nursery:

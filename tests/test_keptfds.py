@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from fusecache.config import MiB, ReadaheadConfig
+from fusecache.config import MiB, ReadaheadConfig, SourceConfig
 from fusecache.fs.core import ROOT_INODE, FilesystemCore
 from fusecache.fs.keptfds import KeptFds
 from fusecache.fs.lowerfile import LowerFile, Pin
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.core
 class CountingSource(LowerSource):
     """The lower directory, noting the opens and closes asked of it, in order."""
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, config: SourceConfig | None = None) -> None:
+        super().__init__(root, config)
         self.calls: list[tuple[str, int]] = []
 
     async def open(self, path: bytes) -> tuple[int, Identity]:
@@ -108,10 +108,8 @@ async def test_with_no_linger_the_fd_closes_with_the_last_pin(tmp_path: Path) ->
 
 @pytest.fixture
 async def counted_core(tmp_path: Path) -> AsyncIterator[tuple[FilesystemCore, CountingSource]]:
-    async with make_core(tmp_path, 64 * MiB) as core:
-        source = CountingSource(tmp_path / "src")
-        core.source = core.opener._source = source  # the opener's opens and closes, counted
-        core.opener.kept._source = source
+    source = CountingSource(tmp_path / "src")
+    async with make_core(tmp_path, 64 * MiB, source=source) as core:
         yield core, source
 
 

@@ -20,7 +20,6 @@ def source_argument(text: str) -> Path | str:
     return text if is_store_url(text) else Path(text)
 
 
-
 def add_arguments(parser: argparse._ActionsContainer) -> None:
     """--endpoint, --region and --list-ttl, for s3:// and oss:// sources."""
     parser.add_argument("--endpoint", default=None, metavar="URL",
