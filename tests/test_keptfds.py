@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import trio
 import trio.testing
 
 from fusecache.config import MiB, ReadaheadConfig, SourceConfig
+from fusecache.errors import FsError
 from fusecache.fs.core import ROOT_INODE, FilesystemCore
 from fusecache.fs.keptfds import KeptFds
 from fusecache.fs.lowerfile import LowerFile, Pin
@@ -161,6 +163,32 @@ async def test_a_new_version_is_opened_anew_after_the_old_ones_kept_fd_closes(
     assert core._handles[fh].file.fd == calls[3][1]
     assert bytes(await core.read(fh, 0, 2 * MiB)) == ramp(0, 2 * MiB, seed=2)
     core.release(fh)
+
+
+class StuckSecondClose(CountingSource):
+    """A lower mount whose second close hangs: the fresh fd's, after the kept one's."""
+
+    async def close(self, fd: int) -> None:
+        await super().close(fd)
+        if len(self.closed) == 2:
+            await trio.sleep_forever()
+
+
+async def test_a_fresh_fd_whose_close_hangs_fails_the_open_within_the_timeout(
+        tmp_path: Path) -> None:
+    """The file may not be opened again while the fresh fd shares the old state: EIO in time."""
+    source = StuckSecondClose(tmp_path / "src", SourceConfig(timeout=0.5))
+    async with make_core(tmp_path, 64 * MiB, source=source) as core:
+        path = tmp_path / "src" / "m"
+        write_ramp(path, MiB, seed=1)
+        core.release(await _open(core, b"m"))
+        write_ramp(path, MiB, seed=2)
+        os.utime(path, ns=(1, 10**18))
+        with trio.fail_after(5), pytest.raises(FsError) as info:
+            await _open(core, b"m")
+        assert info.value.errno == errno.EIO
+        assert len(source.closed) == 2 and [w for w, _ in source.calls].count("open") == 2, \
+            "not opened a third time"
 
 
 def test_with_the_defaults_four_scattered_reads_after_the_head_want_the_file_whole() -> None:

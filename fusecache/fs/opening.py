@@ -99,23 +99,26 @@ class Opener:
         s3fs and ossfs hand an open the state they hold for a path still open, pages
         and all, while its stat may already be the new version's: those pages would
         be cached as the new version's. So when the open shows a new version and the
-        old one's fd is only kept (fs/keptfds.py), that fd is closed, within the
-        source's timeout, and the file opened again on a clean slate. (A handle that
-        still reads the old version holds its fd open; that case remains.)
+        old one's fd is only kept (fs/keptfds.py), that fd and the fresh one are
+        closed, within the source's timeout, and the file opened again on a clean
+        slate. (A handle that still reads the old version holds its fd open; that
+        case remains.)
         """
         fd, ident = await self._source.open(path)
         current = self._versions.opened(ino)
         if current is None or current.key == ident.key():
             return fd, ident
+        closing = False  # the close below owns *fd*, even one abandoned in its thread
         with trio.move_on_after(self._source.timeout) as waiting:
-            dropped = await self.kept.drop(current)
+            if not await self.kept.drop(current):
+                return fd, ident
+            closing = True
+            await self._source.close(fd)  # it shares the old version's state below
         if waiting.cancelled_caught:
-            self._nursery.start_soon(self._source.close, fd)
+            if not closing:
+                self._nursery.start_soon(self._source.close, fd)
             raise SourceUnavailable(f"{os.fsdecode(path)}: closing the old version took "
                                     f"longer than {self._source.timeout:g} s")
-        if not dropped:
-            return fd, ident
-        await self._source.close(fd)
         return await self._source.open(path)
 
     async def _adopt(self, ino: int, fd: int, ident: Identity) -> tuple[Pin, bool]:
