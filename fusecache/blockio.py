@@ -46,9 +46,7 @@ class PyBlockPool:
 
     page_aligned = False  # the allocator places bytearrays anywhere
 
-    def __init__(self, slot_size: int, reserve_bytes: int = 64 << 20,
-                 huge_pages: bool = True) -> None:
-        # reserve_bytes and huge_pages are the C pool's; the allocator decides here.
+    def __init__(self, slot_size: int, reserve_bytes: int = 64 << 20) -> None:
         if slot_size <= 0 or slot_size % os.sysconf("SC_PAGESIZE"):
             raise ValueError("slot_size must be a positive multiple of the page size")
         self.slot_size = slot_size
@@ -86,8 +84,7 @@ class PyBlockPool:
         return b"".join(parts)
 
     def statistics(self) -> dict[str, int]:
-        return {"slot_size": self.slot_size, "mapped_bytes": 0, "huge_bytes": 0, "live_bytes": 0,
-                "reused": 0}
+        return {"slot_size": self.slot_size, "mapped_bytes": 0, "live_bytes": 0, "reused": 0}
 
 
 class NativeMissing(RuntimeError):
@@ -112,10 +109,6 @@ def selected() -> tuple[type, str]:
 
 
 def new_pool(slot_size: int) -> BlockPool:
-    """A block pool of the implementation in use (see `selected`).
-
-    FUSECACHE_HUGE_PAGES=0 keeps the C pool's arenas on small pages.
-    """
-    huge_pages = os.environ.get("FUSECACHE_HUGE_PAGES") != "0"
-    pool: BlockPool = selected()[0](slot_size, huge_pages=huge_pages)
+    """A block pool of the implementation in use (see `selected`)."""
+    pool: BlockPool = selected()[0](slot_size)
     return pool

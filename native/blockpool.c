@@ -9,8 +9,7 @@
  * back to the pool when the last reference (the cache, a memoryview on its way
  * to the kernel) is gone. A cache that
  * evicts one block to make room for the next reuses memory that is already
- * mapped, and a cache that grows maps 2 MiB arenas pre-faulted in one call,
- * on a huge page while the kernel has free ones to spare.
+ * mapped, and a cache that grows maps 2 MiB arenas pre-faulted in one call.
  *
  * The pure-Python twin is fusecache/blockio.py: same API, same results.
  *
@@ -21,10 +20,7 @@
 #include <Python.h>
 
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
@@ -38,16 +34,6 @@
 /* Copies below this size are not worth dropping the GIL for. */
 #define GIL_FREE_COPY (64 * 1024)
 
-/* Transparent huge pages for arenas (see arena_new). */
-#define HUGE_BYTES ((size_t)2 << 20)
-/* Free 2 MiB blocks that the pool leaves to everyone else. */
-#define HUGE_SPARE 64
-/* Arenas mapped (128 MiB) before /proc/buddyinfo is read again. */
-#define HUGE_RECHECK 64
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
-#endif
-
 typedef struct {
     PyTypeObject *pool_type;
     PyTypeObject *block_type;
@@ -60,7 +46,6 @@ typedef struct Arena {
     char *base;
     int nslots, nfree;
     int on_list; /* 0: full, 1: partial, 2: empty */
-    int huge; /* advised for transparent huge pages */
     int free_stack[]; /* slot indices, nfree of them valid */
 } Arena;
 
@@ -78,10 +63,6 @@ typedef struct {
     ArenaList partial, empty;
     Py_ssize_t arenas, live_slots;
     unsigned long long reused, mapped_total;
-    int huge_order; /* buddyinfo column of a 2 MiB block; -1: no huge pages */
-    Py_ssize_t huge_arenas; /* mapped now, advised for huge pages */
-    Py_ssize_t huge_credit; /* arenas that may still be huge before buddyinfo is read again */
-    Py_ssize_t huge_wait; /* small arenas to map before buddyinfo is read again */
 } PoolObject;
 
 typedef struct {
@@ -121,151 +102,16 @@ list_remove(ArenaList *l, Arena *a)
     a->on_list = 0;
 }
 
-/* ---- huge pages ------------------------------------------------------ */
-
-/* Free blocks of at least 2 MiB in *text* (the kernel's /proc/buddyinfo), in
- * 2 MiB units, in every zone but DMA; *order* is the column of a 2 MiB block. */
-static long long
-huge_blocks_in(const char *text, int order)
-{
-    long long total = 0;
-    for (const char *line = text; line != NULL && *line; ) {
-        const char *end = strchr(line, '\n');
-        const char *zone = strstr(line, "zone");
-        if (zone != NULL && (end == NULL || zone < end)) {
-            char *p = (char *)zone + 4;
-            while (*p == ' ')
-                p++;
-            int dma = strncmp(p, "DMA ", 4) == 0;
-            while (*p && *p != ' ' && *p != '\n')
-                p++;
-            for (int k = 0; !dma && k < 63; k++) {
-                char *q;
-                long long count = strtoll(p, &q, 10);
-                if (q == p || (end != NULL && q > end))
-                    break;
-                if (k >= order && count > 0)
-                    total += k - order < 20 ? count << (k - order) : LLONG_MAX / 4;
-                p = q;
-            }
-        }
-        line = end ? end + 1 : NULL;
-    }
-    return total;
-}
-
-static ssize_t
-read_small_file(const char *path, char *buf, size_t size)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t n = read(fd, buf, size - 1);
-    close(fd);
-    if (n >= 0)
-        buf[n] = '\0';
-    return n;
-}
-
-/* The buddyinfo column of a 2 MiB block, or -1 when the kernel will not back
- * anonymous memory advised for huge pages with them (THP off, or not 2 MiB). */
-static int
-huge_order(size_t arena_bytes)
-{
-    char buf[128];
-    long page = sysconf(_SC_PAGESIZE);
-    if (arena_bytes % HUGE_BYTES != 0 || page <= 0 || HUGE_BYTES % (size_t)page != 0)
-        return -1;
-    if (read_small_file("/sys/kernel/mm/transparent_hugepage/enabled", buf, sizeof buf) <= 0
-            || strstr(buf, "[never]") != NULL)
-        return -1;
-    if (read_small_file("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", buf, sizeof buf) <= 0
-            || strtoull(buf, NULL, 10) != HUGE_BYTES)
-        return -1;
-    int order = 0;
-    while (((size_t)page << order) < HUGE_BYTES)
-        order++;
-    return order;
-}
-
-/* Whether the next arena asks for huge pages. Only while the kernel has free
- * 2 MiB blocks to spare: with defrag=madvise (the usual setting) a fault in
- * advised memory that finds none compacts memory on the spot, which filled new
- * blocks at 0.36 GB/s against 1.9 with small pages. */
-static int
-arena_wants_huge(PoolObject *pool)
-{
-    if (pool->huge_order < 0)
-        return 0;
-    if (pool->huge_credit == 0) {
-        if (pool->huge_wait > 0) {
-            pool->huge_wait--;
-            return 0;
-        }
-        char buf[8192];
-        long long free_blocks = 0;
-        if (read_small_file("/proc/buddyinfo", buf, sizeof buf) > 0)
-            free_blocks = huge_blocks_in(buf, pool->huge_order);
-        long long spare = (free_blocks - HUGE_SPARE) / 2; /* others may want some too */
-        pool->huge_credit = spare <= 0 ? 0 : spare < HUGE_RECHECK ? (Py_ssize_t)spare : HUGE_RECHECK;
-        if (pool->huge_credit == 0) {
-            pool->huge_wait = HUGE_RECHECK;
-            return 0;
-        }
-    }
-    pool->huge_credit--;
-    return 1;
-}
-
-/* An arena's mapping on a 2 MiB boundary (a huge page can only back aligned
- * memory; Linux aligns large anonymous mappings itself since 6.7), advised
- * for huge pages and faulted in; NULL with errno set. */
-static char *
-map_huge(size_t bytes)
-{
-    char *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED)
-        return NULL;
-    if ((uintptr_t)base % HUGE_BYTES != 0) {
-        munmap(base, bytes);
-        char *wide = mmap(NULL, bytes + HUGE_BYTES, PROT_READ | PROT_WRITE,
-                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (wide == MAP_FAILED)
-            return NULL;
-        size_t head = (HUGE_BYTES - (uintptr_t)wide % HUGE_BYTES) % HUGE_BYTES;
-        if (head)
-            munmap(wide, head);
-        munmap(wide + head + bytes, HUGE_BYTES - head);
-        base = wide + head;
-    }
-    madvise(base, bytes, MADV_HUGEPAGE);
-    if (madvise(base, bytes, MADV_POPULATE_WRITE) != 0) {
-        long page = sysconf(_SC_PAGESIZE); /* before Linux 5.14: touch each page */
-        for (size_t off = 0; off < bytes; off += (size_t)page)
-            ((volatile char *)base)[off] = 0;
-    }
-    return base;
-}
-
-/* ---- arenas ---------------------------------------------------------- */
-
 static Arena *
 arena_new(PoolObject *pool)
 {
-    /* Two ways to fault an arena in with one call instead of a fault per 4 KiB
-     * page (filling 1 GiB of new blocks: 1.5 -> 1.9 GB/s with MAP_POPULATE):
-     *
-     * - With huge pages while the kernel has free 2 MiB blocks to spare
-     *   (arena_wants_huge): 4.6 GB/s, and every later pass over the block costs
-     *   less. A lower read pins the block's pages and a reply to the kernel
-     *   pins them again, page by page: a cold 1 GiB read through the stand-in
-     *   cost the daemon 0.96-0.97 CPU-s/GB against 1.22-1.31 with small pages.
-     * - Otherwise small pages, MAP_POPULATE. */
-    int huge = arena_wants_huge(pool);
-    char *base = huge ? map_huge(pool->arena_bytes)
-                      : mmap(NULL, pool->arena_bytes, PROT_READ | PROT_WRITE,
-                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-    if (base == NULL || base == MAP_FAILED)
+    /* MAP_POPULATE faults the arena in with one call instead of a fault per
+     * page (filling 1 GiB of new blocks: 1.5 -> 2.0 GB/s). No MADV_HUGEPAGE:
+     * it was faster when free huge pages were at hand (4.6 GB/s) but stalled
+     * in direct compaction when they were not (0.36 GB/s). */
+    char *base = mmap(NULL, pool->arena_bytes, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (base == MAP_FAILED)
         return NULL;
     Arena *a = PyMem_RawMalloc(sizeof(Arena) + sizeof(int) * (size_t)pool->slots_per_arena);
     if (a == NULL) {
@@ -274,8 +120,6 @@ arena_new(PoolObject *pool)
         return NULL;
     }
     a->base = base;
-    a->huge = huge;
-    pool->huge_arenas += huge;
     a->nslots = a->nfree = pool->slots_per_arena;
     for (int i = 0; i < a->nslots; i++)
         a->free_stack[i] = a->nslots - 1 - i; /* slot 0 first */
@@ -290,7 +134,6 @@ static void
 arena_free(PoolObject *pool, Arena *a)
 {
     munmap(a->base, pool->arena_bytes);
-    pool->huge_arenas -= a->huge;
     PyMem_RawFree(a);
     pool->arenas--;
 }
@@ -437,11 +280,9 @@ static PyType_Spec block_spec = {
 static PyObject *
 pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"slot_size", "reserve_bytes", "huge_pages", NULL};
+    static char *kwlist[] = {"slot_size", "reserve_bytes", NULL};
     Py_ssize_t slot_size, reserve = 64 << 20;
-    int huge_pages = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|np:BlockPool", kwlist, &slot_size, &reserve,
-                                     &huge_pages))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|n:BlockPool", kwlist, &slot_size, &reserve))
         return NULL;
     long page = sysconf(_SC_PAGESIZE);
     if (slot_size <= 0 || slot_size % page != 0) {
@@ -465,7 +306,6 @@ pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->arena_bytes = (size_t)self->slots_per_arena * (size_t)slot_size;
     }
     self->reserve_arenas = reserve / (Py_ssize_t)self->arena_bytes;
-    self->huge_order = huge_pages ? huge_order(self->arena_bytes) : -1;
     return (PyObject *)self;
 }
 
@@ -642,17 +482,15 @@ out:
 
 PyDoc_STRVAR(pool_statistics_doc,
 "statistics() -> dict\n\n"
-"slot_size; mapped_bytes (arenas now mapped); huge_bytes (of those, the ones\n"
-"advised for transparent huge pages); live_bytes (slots in use); reused (slots\n"
-"handed out from memory that was already mapped).");
+"slot_size; mapped_bytes (arenas now mapped); live_bytes (slots in use);\n"
+"reused (slots handed out from memory that was already mapped).");
 
 static PyObject *
 pool_statistics(PoolObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{s:n,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:n,s:K,s:K,s:K}",
                          "slot_size", self->slot_size,
                          "mapped_bytes", (unsigned long long)self->arenas * self->arena_bytes,
-                         "huge_bytes", (unsigned long long)self->huge_arenas * self->arena_bytes,
                          "live_bytes", (unsigned long long)self->live_slots * self->slot_size,
                          "reused", self->reused);
 }
@@ -678,11 +516,9 @@ static PyMethodDef pool_methods[] = {
 };
 
 PyDoc_STRVAR(pool_doc,
-"BlockPool(slot_size, reserve_bytes=64 MiB, huge_pages=True)\n\n"
+"BlockPool(slot_size, reserve_bytes=64 MiB)\n\n"
 "Memory for blocks of up to *slot_size* bytes, in pre-faulted 2 MiB arenas. Up to *reserve_bytes* of empty arenas stay mapped, so\n"
-"a cache that evicts and refills reuses memory without page faults. With\n"
-"*huge_pages*, arenas ask for transparent huge pages while the kernel has free\n"
-"2 MiB blocks to spare (cheaper to fill, pin and copy).");
+"a cache that evicts and refills reuses memory without page faults.");
 
 static PyType_Slot pool_slots[] = {
     {Py_tp_new, pool_new},
@@ -737,22 +573,6 @@ native_clear(PyObject *module)
     return 0;
 }
 
-static PyObject *
-native_huge_blocks_in(PyObject *Py_UNUSED(module), PyObject *args)
-{
-    const char *text;
-    int order;
-    if (!PyArg_ParseTuple(args, "si:_huge_blocks_in", &text, &order))
-        return NULL;
-    return PyLong_FromLongLong(huge_blocks_in(text, order));
-}
-
-static PyMethodDef native_methods[] = {
-    {"_huge_blocks_in", native_huge_blocks_in, METH_VARARGS,
-     "_huge_blocks_in(buddyinfo_text, order) -> free 2 MiB blocks it lists (for tests)."},
-    {NULL, NULL, 0, NULL},
-};
-
 static PyModuleDef_Slot native_module_slots[] = {
     {Py_mod_exec, native_exec},
     {0, NULL},
@@ -763,7 +583,6 @@ static struct PyModuleDef native_module = {
     .m_name = "fusecache._native",
     .m_doc = "Block memory and block copies for fusecache's read path (see native/README.md).",
     .m_size = sizeof(module_state),
-    .m_methods = native_methods,
     .m_slots = native_module_slots,
     .m_traverse = native_traverse,
     .m_clear = native_clear,

@@ -111,49 +111,6 @@ def test_native_pool_reuses_memory_and_gives_it_back(ramp_fd: int) -> None:
     assert small.statistics()["mapped_bytes"] == 0, "no reserve: empty arenas are unmapped"
 
 
-BUDDYINFO = """\
-Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3
-Node 0, zone    DMA32      9     10     12      8     10     13      9      8     12      6    745
-Node 0, zone   Normal    435    612    385    923   7206   3174   2919   1543   1821   1349   3055
-Node 1, zone   Normal      1      2      3      4      5      6      7      8      9     10
-"""
-
-
-def test_free_huge_blocks_are_counted_from_buddyinfo() -> None:
-    from fusecache._native import _huge_blocks_in
-
-    # Order 9 (2 MiB of 4 KiB pages) counts once, order 10 twice; the DMA zone
-    # is not for user memory; a short line has no order 10.
-    assert _huge_blocks_in(BUDDYINFO, 9) == (6 + 2 * 745) + (1349 + 2 * 3055) + 10
-    assert _huge_blocks_in(BUDDYINFO, 10) == 745 + 3055
-    assert _huge_blocks_in("", 9) == 0
-    assert _huge_blocks_in("Node 0, zone Normal garbage 7\nNode 0 1 2 3\n", 0) == 0
-
-
-def _transparent_huge_pages() -> bool:
-    try:
-        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-
-
-def test_native_arenas_ask_for_huge_pages_only_when_told(ramp_fd: int) -> None:
-    small = pool_class("native")(SLOT, huge_pages=False)
-    blocks = small.read(ramp_fd, 0, [SLOT] * 64)
-    assert small.statistics()["huge_bytes"] == 0
-    del blocks
-    if not _transparent_huge_pages():
-        pytest.skip("transparent huge pages are off on this machine")
-    huge = pool_class("native")(SLOT, reserve_bytes=0)
-    blocks = huge.read(ramp_fd, 0, [SLOT] * 64)  # two arenas
-    # Each arena asks for huge pages while the kernel has free 2 MiB blocks to spare.
-    assert huge.statistics()["huge_bytes"] in (0, 4 * MiB, huge.statistics()["mapped_bytes"])
-    assert [bytes(b) for b in blocks[:6]] == [ramp(i * SLOT, SLOT) for i in range(5)] + [
-        ramp(5 * SLOT, 123)]
-    del blocks
-    assert huge.statistics()["huge_bytes"] == 0, "unmapped arenas leave the count"
-
-
 def _rss() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
