@@ -142,6 +142,25 @@ async def test_a_file_opened_again_soon_reads_through_the_same_lower_fd(
     core.release(fh)
 
 
+async def test_a_file_the_cache_holds_whole_lets_its_lower_fd_go_at_the_last_release(
+        counted_core: tuple[FilesystemCore, CountingSource]) -> None:
+    """What s3fs and ossfs keep for an open file is as big as the file; once every block
+    is here nothing more is wanted from below."""
+    core, source = counted_core
+    write_ramp(Path(os.fsdecode(source.root)) / "m", 3 * MiB)
+    fh = await _open(core, b"m")
+    f = core._handles[fh].file
+    assert bytes(await core.read(fh, 0, 3 * MiB)) == ramp(0, 3 * MiB)
+    assert core.cache.holds_all(f)
+    kept_fd = f.fd
+    core.release(fh)
+    await trio.sleep(0.05)
+    assert f.fd is None and kept_fd in source.closed and len(core.opener.kept) == 0
+    fh = await _open(core, b"m")  # a loader opens it again: read from the cache
+    assert bytes(await core.read(fh, MiB, 4096)) == ramp(MiB, 4096)
+    core.release(fh)
+
+
 async def test_a_new_version_is_opened_anew_after_the_old_ones_kept_fd_closes(
         counted_core: tuple[FilesystemCore, CountingSource]) -> None:
     """s3fs and ossfs hand an open what a still open fd loaded: it must be closed first."""

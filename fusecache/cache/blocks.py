@@ -128,6 +128,10 @@ class BlockCache:
         return (key in self._memory or (self._spill is not None and key in self._spill)
                 or (self._disk is not None and self._disk.contains(f.key, idx)))
 
+    def holds_all(self, f: CachedFile) -> bool:
+        """Whether every block of *f* is here (see `holds`); stops at the first that is not."""
+        return all(self.holds(f, idx) for idx in range(self.block_count(f)))
+
     def forget_file(self, key: Hashable) -> None:
         """Drop a file's cached blocks (its content changed)."""
         self._memory.discard_file(key)

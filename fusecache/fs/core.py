@@ -110,7 +110,7 @@ class FilesystemCore:
         self.opener = Opener(source, nursery, self.answers, self.pagecache, self.versions,
                              forget=(cache.forget_file, self.readonce.forget),
                              kept=KeptFds(nursery, source, keep_open, SourceConfig.keep_open_files,
-                                          SourceConfig.keep_open_max))
+                                          SourceConfig.keep_open_max, cache.holds_all))
         self.warming = Warming(self.opener, self.versions, self.readonce, cache, nursery,
                                source.timeout)
         self._path_of: dict[int, bytes] = {ROOT_INODE: b""}
