@@ -184,13 +184,23 @@ def test_a_block_being_written_is_invisible_until_whole(
     real_store = disk.store_slot
 
     def store_after_looking(*args: object) -> None:
-        seen.append((tier.contains(KEY, 0), load(tier, pool, KEY, 0)))
+        seen.append((tier.contains(KEY, 0), tier.contains_all(KEY, [0]),
+                     load(tier, pool, KEY, 0)))
         real_store(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr("fusecache.cache.disk.store_slot", store_after_looking)
     assert tier.write(KEY, 0, block(0))
-    assert seen == [(False, None)] and tier.validation_failures == 0
+    assert seen == [(False, False, None)] and tier.validation_failures == 0
     assert tier.contains(KEY, 0) and load(tier, pool, KEY, 0) == block(0)
+
+
+def test_contains_all_wants_every_block_asked_for(tmp_path: Path) -> None:
+    tier = tier_at(tmp_path / "c")
+    for idx in (0, 1, 3):
+        tier.write(KEY, idx, block(idx))
+    assert tier.contains_all(KEY, [0, 1, 3]) and tier.contains_all(KEY, [])
+    assert not tier.contains_all(KEY, [0, 1, 2, 3])
+    assert not tier.contains_all(("other", 1), [0])
 
 
 def test_a_block_discarded_while_being_written_leaves_nothing(

@@ -46,11 +46,15 @@ async def test_blocks_evicted_from_memory_come_from_disk(tmp_path: Path, impleme
         assert stats.disk_writes_dropped == 0
         # Memory spills to disk: what it let go is on disk, what it holds is not.
         assert disk.used + stats.memory_used == SIZE
+        f = core._handles[fh].file
+        assert core.cache.holds_all(f)
         lower = stats.lower_bytes
         assert bytes(await read_all(core, fh, SIZE, chunk=3 * MiB + 5)) == ramp(0, SIZE)
         stats = core.cache.statistics()
         assert stats.lower_bytes == lower, "the second read must not reach the lower mount"
         assert stats.served_disk > SIZE // 2
+        disk.discard_file(f.key)
+        assert not core.cache.holds_all(f)
 
 
 @pytest.mark.core

@@ -129,8 +129,12 @@ class BlockCache:
                 or (self._disk is not None and self._disk.contains(f.key, idx)))
 
     def holds_all(self, f: CachedFile) -> bool:
-        """Whether every block of *f* is here (see `holds`); stops at the first that is not."""
-        return all(self.holds(f, idx) for idx in range(self.block_count(f)))
+        """Whether every block of *f* is here (see `holds`)."""
+        spill = self._spill
+        rest = [idx for idx in range(self.block_count(f))
+                if (key := (f.key, idx)) not in self._memory
+                and (spill is None or key not in spill)]
+        return not rest or (self._disk is not None and self._disk.contains_all(f.key, rest))
 
     def forget_file(self, key: Hashable) -> None:
         """Drop a file's cached blocks (its content changed)."""

@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +204,13 @@ class DiskTier:
         key = (self._digest(file_key), idx)
         with self._lock:
             return key in self._index and key not in self._pending
+
+    def contains_all(self, file_key: Hashable, idxs: Iterable[int]) -> bool:
+        """Whether every block *idxs* of one identity is here: `contains`, one lock for all."""
+        digest = self._digest(file_key)
+        with self._lock:
+            return all((key := (digest, idx)) in self._index and key not in self._pending
+                       for idx in idxs)
 
     def read(self, file_key: Hashable, idx: int, length: int, pool: BlockPool
              ) -> Block | None:
