@@ -99,6 +99,16 @@ async def test_past_the_most_the_fd_idle_longest_closes_at_once(tmp_path: Path) 
         nursery.cancel_scope.cancel()
 
 
+async def test_a_file_held_whole_closes_with_the_last_pin(tmp_path: Path) -> None:
+    source = CountingSource(tmp_path)
+    async with trio.open_nursery() as nursery:
+        kept = KeptFds(nursery, source, linger=60.0, most=64, max_age=60.0,
+                       held_whole=lambda f: True)
+        f, fd = await _file(source, nursery, kept, "model")
+        await trio.sleep(0.1)
+        assert f.fd is None and source.closed == [fd] and len(kept) == 0
+
+
 async def test_with_no_linger_the_fd_closes_with_the_last_pin(tmp_path: Path) -> None:
     source = CountingSource(tmp_path)
     async with trio.open_nursery() as nursery:
@@ -156,9 +166,59 @@ async def test_a_file_the_cache_holds_whole_lets_its_lower_fd_go_at_the_last_rel
     core.release(fh)
     await trio.sleep(0.05)
     assert f.fd is None and kept_fd in source.closed and len(core.opener.kept) == 0
+    lower = core.cache.statistics().lower_bytes
     fh = await _open(core, b"m")  # a loader opens it again: read from the cache
     assert bytes(await core.read(fh, MiB, 4096)) == ramp(MiB, 4096)
+    assert core.cache.statistics().lower_bytes == lower
     core.release(fh)
+
+
+class SlowLower(CountingSource):
+    """A lower mount that takes its time over opens and closes; notes when each close ended."""
+
+    def __init__(self, root: Path, open_delay: float, close_delay: float) -> None:
+        super().__init__(root)
+        self.open_delay, self.close_delay = open_delay, close_delay
+        self.close_ended: dict[int, float] = {}
+        self.open_started: list[float] = []
+
+    async def open(self, path: bytes) -> tuple[int, Identity]:
+        self.open_started.append(trio.current_time())
+        await trio.sleep(self.open_delay)
+        return await super().open(path)
+
+    async def close(self, fd: int) -> None:
+        await trio.sleep(self.close_delay)
+        await super().close(fd)
+        self.close_ended[fd] = trio.current_time()
+
+
+# The old version's close still under way when the new open returns; or ended while it ran.
+@pytest.mark.parametrize(("open_delay", "close_delay"), [(0.0, 0.3), (0.3, 0.1)])
+async def test_a_new_version_opened_while_the_old_fd_closes_is_opened_anew(
+        tmp_path: Path, open_delay: float, close_delay: float) -> None:
+    """A file held whole closes its fd in the background at its last release; an open of
+    a new version made before that close ended may share what the fd had loaded."""
+    source = SlowLower(tmp_path / "src", open_delay, close_delay)
+    async with make_core(tmp_path, 64 * MiB, source=source) as core:
+        path = tmp_path / "src" / "m"
+        write_ramp(path, 3 * MiB, seed=1)
+        fh = await _open(core, b"m")
+        old_fd = core._handles[fh].file.fd
+        assert bytes(await core.read(fh, 0, 3 * MiB)) == ramp(0, 3 * MiB, seed=1)
+        core.release(fh)  # held whole: the fd closes in the background, at once
+        write_ramp(path, 2 * MiB, seed=2)
+        os.utime(path, ns=(1, 10**18))
+        source.calls.clear()
+        fh = await _open(core, b"m")
+        assert old_fd in source.close_ended
+        opens = [fd for what, fd in source.calls if what == "open"]
+        assert len(opens) == 2 and opens[0] in source.closed, \
+            "the open made while the old fd was open below is closed, and the file opened again"
+        assert source.open_started[-1] >= source.close_ended[old_fd]
+        assert core._handles[fh].file.fd == opens[1]
+        assert bytes(await core.read(fh, 0, 2 * MiB)) == ramp(0, 2 * MiB, seed=2)
+        core.release(fh)
 
 
 async def test_a_new_version_is_opened_anew_after_the_old_ones_kept_fd_closes(

@@ -129,12 +129,14 @@ class BlockCache:
                 or (self._disk is not None and self._disk.contains(f.key, idx)))
 
     def holds_all(self, f: CachedFile) -> bool:
-        """Whether every block of *f* is here (see `holds`)."""
+        """Whether every block of *f* is here (see `holds`); stops at the first that is not."""
         spill = self._spill
-        rest = [idx for idx in range(self.block_count(f))
+        rest = (idx for idx in range(self.block_count(f))
                 if (key := (f.key, idx)) not in self._memory
-                and (spill is None or key not in spill)]
-        return not rest or (self._disk is not None and self._disk.contains_all(f.key, rest))
+                and (spill is None or key not in spill))
+        if self._disk is None:
+            return next(rest, None) is None
+        return self._disk.contains_all(f.key, rest)
 
     def forget_file(self, key: Hashable) -> None:
         """Drop a file's cached blocks (its content changed)."""

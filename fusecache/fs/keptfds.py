@@ -16,14 +16,17 @@ The protocol, with LowerFile (fs/lowerfile.py):
   it has been open *max_age* already, so a file reopened every few seconds
   does not keep one fd, and the lower mount's view of it, forever (s3fs answers
   stat from its cache while the file is open), and when the cache holds every
-  block of the file: nothing more is wanted from below, and what the lower mount
-  keeps for an open file is as big as the file (s3fs and ossfs hold it in a
-  temporary file, dirty pages in the page cache; five 800 MB models hashed in a
-  row left 2.2 GB of them, and the kernel began writing them to disk).
+  block of the file: nothing more is wanted from below, and what s3fs and ossfs
+  keep for an open file grows to the file's size, in a temporary file whose pages
+  stay dirty (seven 800 MB models hashed in a row left 2.2 GB of them, and the
+  kernel began writing them to disk). A block lost after that (evicted with no
+  room on disk, a failed write or checksum) makes the next fetch open the file
+  again (`LowerFile.lower_fd`).
 - A new version must not inherit the old one's loaded pages: s3fs and ossfs hand
   an open the state already held for that path, whose pages then pass for the
   new version's. `drop()` closes the old version's idle fd, and waits, before
-  the opener trusts an open of the new one (fs/opening.py).
+  the opener trusts an open of the new one (fs/opening.py); it also tells the
+  opener when that fd was closed in the background while the open was under way.
 - At unmount `close_all()` closes what is left; a cancelled wait leaves the fds
   to the process's exit.
 """
@@ -80,20 +83,27 @@ class KeptFds:
         """*f* is pinned again: its fd is in use, not idle."""
         self._since.pop(f, None)
 
-    async def drop(self, f: LowerFile) -> bool:
-        """Close *f*'s fd if it is only kept, and wait for the lower mount; whether it was."""
+    async def drop(self, f: LowerFile, since: float) -> bool:
+        """Close *f*'s fd if it is only kept, and wait for the lower mount; whether an fd of
+        *f* was open below at any time since *since* (trio time, when the caller's open
+        began), so that open may share what it had loaded.
+
+        True too for a close already under way in the background (waited for) or one
+        that ended after *since*: at its last release, an fd that is not kept closes
+        in the background, and a loader opens again within milliseconds.
+        """
         if self._since.pop(f, None) is None:
-            return False
+            return await f.closed_since(since)
         fd = f.take_idle_fd()
         if fd is None:
-            return False
+            return await f.closed_since(since)
         await self._source.close(fd)
         return True
 
     async def close_all(self) -> None:
         """Close every kept fd and wait (at unmount)."""
         while self._since:
-            await self.drop(next(iter(self._since)))
+            await self.drop(next(iter(self._since)), since=trio.current_time())
 
     async def _close_when_due(self) -> None:
         # The first entry is the oldest, so its time is up first.

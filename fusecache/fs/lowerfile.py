@@ -43,6 +43,12 @@ class LowerFile:
         self._nursery = nursery
         self._opening = trio.Lock()
         self._kept = kept
+        # The last close of the fd in the background (close_idle): set once the
+        # lower mount answered it, and when (trio time). An open made before then
+        # may have been handed what the fd had loaded below (fs/keptfds.py).
+        self._closed = trio.Event()
+        self._closed.set()
+        self.closed_at = float("-inf")
 
     def pin(self) -> None:
         self._pins += 1
@@ -66,7 +72,23 @@ class LowerFile:
         """Close the fd in the background if nobody holds a pin (KeptFds' call)."""
         fd = self.take_idle_fd()
         if fd is not None:
-            self._nursery.start_soon(self._source.close, fd)
+            self._closed = trio.Event()
+            self._nursery.start_soon(self._close_in_background, fd, self._closed)
+
+    async def _close_in_background(self, fd: int, closed: trio.Event) -> None:
+        try:
+            await self._source.close(fd)
+        finally:
+            self.closed_at = trio.current_time()
+            closed.set()
+
+    async def closed_since(self, since: float) -> bool:
+        """Whether a background close of the fd ended at or after *since* (trio time), or
+        is under way (then waited for)."""
+        if not self._closed.is_set():
+            await self._closed.wait()
+            return True
+        return self.closed_at >= since
 
     def attach(self, fd: int) -> None:
         """Take *fd*, open on this version, unless it has one or nobody holds a pin."""

@@ -99,18 +99,19 @@ class Opener:
         s3fs and ossfs hand an open the state they hold for a path still open, pages
         and all, while its stat may already be the new version's: those pages would
         be cached as the new version's. So when the open shows a new version and the
-        old one's fd is only kept (fs/keptfds.py), that fd and the fresh one are
-        closed, within the source's timeout, and the file opened again on a clean
-        slate. (A handle that still reads the old version holds its fd open; that
-        case remains.)
+        old one's fd is only kept (fs/keptfds.py), or was closed while this open was
+        under way, that fd and the fresh one are closed, within the source's
+        timeout, and the file opened again on a clean slate. (A handle that still
+        reads the old version holds its fd open; that case remains.)
         """
+        started = trio.current_time()
         fd, ident = await self._source.open(path)
         current = self._versions.opened(ino)
         if current is None or current.key == ident.key():
             return fd, ident
         closing = False  # the close below owns *fd*, even one abandoned in its thread
         with trio.move_on_after(self._source.timeout) as waiting:
-            if not await self.kept.drop(current):
+            if not await self.kept.drop(current, since=started):
                 return fd, ident
             closing = True
             await self._source.close(fd)  # it shares the old version's state below
