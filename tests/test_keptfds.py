@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,14 +12,15 @@ import pytest
 import trio
 import trio.testing
 
+from fusecache.blockio import Block, BlockPool
 from fusecache.config import MiB, ReadaheadConfig, SourceConfig
-from fusecache.errors import FsError
+from fusecache.errors import FsError, LowerError
 from fusecache.fs.core import ROOT_INODE, FilesystemCore
 from fusecache.fs.keptfds import KeptFds
 from fusecache.fs.lowerfile import LowerFile, Pin
 from fusecache.readahead import FileInterest
 from fusecache.source import LowerSource
-from fusecache.source_api import Identity
+from fusecache.source_api import Identity, version_of
 from tests.conftest import make_core
 from tests.ramp import ramp, write_ramp
 
@@ -242,6 +244,69 @@ async def test_a_new_version_is_opened_anew_after_the_old_ones_kept_fd_closes(
     assert core._handles[fh].file.fd == calls[3][1]
     assert bytes(await core.read(fh, 0, 2 * MiB)) == ramp(0, 2 * MiB, seed=2)
     core.release(fh)
+
+
+class SharedStateLower(CountingSource):
+    """s3fs and ossfs as they behave: every open of a path that is still open somewhere is
+    handed the state loaded for it, old bytes and all, while its stat is the path's current
+    one (s3fs 1.90, measured on the stand-in: an overwritten object read b'AAAA' with the
+    new size and mtime until every fd on it was closed)."""
+
+    def __init__(self, root: Path, snapshots: Path) -> None:
+        super().__init__(root)
+        self._snapshots = snapshots
+        self._state: dict[bytes, tuple[Path, int]] = {}  # path -> (its bytes, fds open)
+        self._path_of: dict[int, bytes] = {}
+
+    async def open(self, path: bytes) -> tuple[int, Identity]:
+        fresh, ident = await super().open(path)  # the current stat, as s3fs answers it
+        await super().close(fresh)
+        state, count = self._state.get(path, (None, 0))
+        if state is None:  # nothing loaded: this open loads what is there now
+            state = self._snapshots / f"{len(self.calls)}"
+            shutil.copyfile(self.full(path), state)
+        self._state[path] = (state, count + 1)
+        fd = os.open(state, os.O_RDONLY)
+        self._path_of[fd] = path
+        self.calls[-2:] = [("open", fd)]
+        return fd, ident
+
+    async def close(self, fd: int) -> None:
+        path = self._path_of.pop(fd)
+        state, count = self._state[path]
+        self._state[path] = (state, count - 1)
+        if count == 1:
+            del self._state[path]
+        await super().close(fd)
+
+    async def read_blocks(self, pool: BlockPool, fd: int, offset: int, sizes: list[int],
+                          expect: Identity, readahead: bool = False) -> list[Block]:
+        blocks = await trio.to_thread.run_sync(pool.read, fd, offset, sizes)
+        if version_of(os.stat(self.full(expect.path))) != expect.version:
+            raise LowerError("changed")  # fstat: the state's stat, the path's current one
+        return blocks
+
+
+async def test_a_new_version_is_never_read_through_the_state_of_an_old_handles_fd(
+        tmp_path: Path) -> None:
+    """A model still mapped from the old version holds its lower fd open: the new version
+    must not be read while that fd is open below, nor the old one read below any more."""
+    (tmp_path / "snapshots").mkdir()
+    source = SharedStateLower(tmp_path / "src", tmp_path / "snapshots")
+    async with make_core(tmp_path, 64 * MiB, source=source) as core:
+        path = tmp_path / "src" / "m"
+        write_ramp(path, 3 * MiB, seed=1)
+        old = await _open(core, b"m")  # a loader's mapping, still open
+        assert bytes(await core.read(old, 0, 4096)) == ramp(0, 4096, seed=1)
+        write_ramp(path, 2 * MiB, seed=2)
+        os.utime(path, ns=(1, 10**18))
+        new = await _open(core, b"m")
+        assert bytes(await core.read(new, 0, 2 * MiB)) == ramp(0, 2 * MiB, seed=2)
+        with pytest.raises(FsError) as info:  # not here, and gone below
+            await core.read(old, 2 * MiB, 4096)
+        assert info.value.errno == errno.EIO
+        core.release(old)
+        core.release(new)
 
 
 class StuckSecondClose(CountingSource):

@@ -31,6 +31,7 @@ pytestmark = [
 ]
 
 SIZE = 24 * MiB + 4321
+REPLACED, REPLACED_SIZE, NEW_SIZE = "replaced.bin", 16 * MiB + 99, 6 * MiB + 7
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standin]:
     data = tmp_path_factory.mktemp("oss")
     (data / BUCKET).mkdir()
     write_ramp(data / BUCKET / "model.safetensors", SIZE, seed=5)
+    write_ramp(data / BUCKET / REPLACED, REPLACED_SIZE, seed=21)
     with running_standin(data_dir=data) as s:
         _wait_for_object(s.mount / "model.safetensors", SIZE)
         yield s
@@ -128,6 +130,34 @@ def test_warm_then_a_first_switch_moves_nothing_more(standin: Standin, mount_fac
     assert path.read_bytes() == ramp(0, SIZE, seed=5)
     assert m.settled()["lower_bytes"] == SIZE, "warm fetched it all, once"
     _assert_about_once_over_the_network(standin, before, SIZE)
+
+
+def test_an_object_replaced_while_a_reader_holds_it_is_read_as_the_new_one(
+        standin: Standin, mount_factory) -> None:
+    """s3fs hands every open of a path still open somewhere the bytes it loaded for it,
+    under the new stat: fusecache must not cache those as the new version's."""
+    m = mount_factory(standin.mount)
+    path = m.mnt / REPLACED
+    _wait_for_object(standin.mount / REPLACED, REPLACED_SIZE)
+    old = os.open(path, os.O_RDONLY)  # a model server's mapping of the old version
+    try:
+        assert os.pread(old, 4096, 0) == ramp(0, 4096, seed=21)
+        time.sleep(1.1)  # a new mtime, to the second
+        write_ramp(standin.bucket_dir / REPLACED, NEW_SIZE, seed=22)
+        deadline = time.monotonic() + 60
+        while True:  # until the lower mount shows the new object, to an open of ours
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if os.fstat(fd).st_size == NEW_SIZE:
+                    got = b"".join(os.pread(fd, MiB, off) for off in range(0, NEW_SIZE, MiB))
+                    break
+            finally:
+                os.close(fd)
+            assert time.monotonic() < deadline, "the new object never showed"
+            time.sleep(0.5)
+        assert got == ramp(0, NEW_SIZE, seed=22), "the new version, not what the old fd loaded"
+    finally:
+        os.close(old)
 
 
 # --- the S3 server stops answering mid-read ---------------------------------------

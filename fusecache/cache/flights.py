@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,7 +36,7 @@ class CachedFile(Protocol):
 
     def pin(self) -> None: ...
     def unpin(self) -> None: ...
-    async def lower_fd(self) -> int: ...
+    def reading(self) -> AbstractAsyncContextManager[int]: ...
 
 
 @dataclass
@@ -173,9 +174,9 @@ class Flights:
         quiet = False  # the source logs its own outage once, not once per fetch
         blocks: list[Block] = []
         try:
-            fd = await f.lower_fd()
-            blocks = await self._source.read_blocks(self._pool, fd, first * bs, sizes, f.ident,
-                                                    readahead)
+            async with f.reading() as fd:
+                blocks = await self._source.read_blocks(self._pool, fd, first * bs, sizes,
+                                                        f.ident, readahead)
             self.lower_reads += 1
             self.lower_bytes += sum(len(b) for b in blocks)
             if readahead:
@@ -214,9 +215,9 @@ class Flights:
         start, stop = offset - offset % PAGE, min(-(-end // PAGE) * PAGE, f.size)
         f.pin()
         try:
-            fd = await f.lower_fd()
-            blocks = await self._source.read_blocks(self._pool, fd, start, [stop - start],
-                                                    f.ident)
+            async with f.reading() as fd:
+                blocks = await self._source.read_blocks(self._pool, fd, start, [stop - start],
+                                                        f.ident)
         except SourceUnavailable:
             self.lower_errors += 1
             raise  # the source logs its outage once

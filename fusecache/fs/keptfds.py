@@ -24,9 +24,10 @@ The protocol, with LowerFile (fs/lowerfile.py):
   again (`LowerFile.lower_fd`).
 - A new version must not inherit the old one's loaded pages: s3fs and ossfs hand
   an open the state already held for that path, whose pages then pass for the
-  new version's. `drop()` closes the old version's idle fd, and waits, before
-  the opener trusts an open of the new one (fs/opening.py); it also tells the
-  opener when that fd was closed in the background while the open was under way.
+  new version's. `drop()` closes the old version's fd, kept or still in use by a
+  handle (`LowerFile.retire`), and waits, before the opener trusts an open of the
+  new one (fs/opening.py); it also tells the opener when that fd was closed in
+  the background while the open was under way.
 - At unmount `close_all()` closes what is left; a cancelled wait leaves the fds
   to the process's exit.
 """
@@ -84,26 +85,28 @@ class KeptFds:
         self._since.pop(f, None)
 
     async def drop(self, f: LowerFile, since: float) -> bool:
-        """Close *f*'s fd if it is only kept, and wait for the lower mount; whether an fd of
-        *f* was open below at any time since *since* (trio time, when the caller's open
-        began), so that open may share what it had loaded.
+        """*f* was replaced below: close its fd, kept or in use (`LowerFile.retire`), and
+        wait for the lower mount; whether an fd of *f* was open below at any time since
+        *since* (trio time, when the caller's open began), so that open may share what
+        it had loaded.
 
         True too for a close already under way in the background (waited for) or one
         that ended after *since*: at its last release, an fd that is not kept closes
         in the background, and a loader opens again within milliseconds.
         """
-        if self._since.pop(f, None) is None:
-            return await f.closed_since(since)
-        fd = f.take_idle_fd()
-        if fd is None:
-            return await f.closed_since(since)
-        await self._source.close(fd)
-        return True
+        self._since.pop(f, None)
+        if await f.retire():
+            return True
+        return await f.closed_since(since)
 
     async def close_all(self) -> None:
         """Close every kept fd and wait (at unmount)."""
         while self._since:
-            await self.drop(next(iter(self._since)), since=trio.current_time())
+            f = next(iter(self._since))
+            del self._since[f]
+            fd = f.take_idle_fd()
+            if fd is not None:
+                await self._source.close(fd)
 
     async def _close_when_due(self) -> None:
         # The first entry is the oldest, so its time is up first.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,8 @@ class LowerFile:
     lower mount may block on close. A version served from what was last known,
     while the lower mount is slow or gone, has no fd until a fetch needs one:
     `lower_fd` opens the file again and refuses a file that is no longer this
-    version.
+    version. A version replaced below is `retire`d: it reads nothing below any
+    more, and its fd closes once the reads under way end, handles or not.
 
     The filesystem holds its pins as `Pin` objects; the block cache, which takes
     any `CachedFile`, calls `pin`/`unpin` itself.
@@ -49,6 +51,10 @@ class LowerFile:
         self._closed = trio.Event()
         self._closed.set()
         self.closed_at = float("-inf")
+        self.retired = False  # replaced below: nothing more is read there
+        self._reads = 0  # reads on the fd under way (`reading`)
+        self._no_reads = trio.Event()
+        self._no_reads.set()
 
     def pin(self) -> None:
         self._pins += 1
@@ -101,6 +107,7 @@ class LowerFile:
     async def lower_fd(self) -> int:
         """An fd open on this version, for a caller holding a pin; opens one if need be."""
         async with self._opening:
+            self._refuse_if_retired()
             if self.fd is None:
                 fd, ident = await self._source.open(self.ident.path)
                 if ident.key() != self.key:
@@ -108,8 +115,47 @@ class LowerFile:
                     raise LowerError(f"{self.display} changed on the lower mount since it "
                                      "was opened")
                 self.attach(fd)
+        self._refuse_if_retired()
         assert self.fd is not None, "lower_fd without a pin"
         return self.fd
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[int]:
+        """The fd (`lower_fd`), counted as in use by a read until the block ends."""
+        fd = await self.lower_fd()
+        if self._reads == 0:
+            self._no_reads = trio.Event()
+        self._reads += 1
+        try:
+            yield fd
+        finally:
+            self._reads -= 1
+            if self._reads == 0:
+                self._no_reads.set()
+
+    async def retire(self) -> bool:
+        """This version was replaced below: read nothing there any more, and close the fd
+        once the reads under way end, pins or not; whether it had one open.
+
+        s3fs and ossfs hand every open of a path what an fd still open on it loaded,
+        while the open's stat is already the new version's: a handle still on the
+        old version (a mapped model) would have the new version read as the old.
+        Its later cache misses fail (LowerError): the old bytes are gone below.
+        """
+        self.retired = True
+        if self.fd is None:
+            return False
+        await self._no_reads.wait()  # no read starts now: lower_fd refuses
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return False
+        await self._source.close(fd)
+        return True
+
+    def _refuse_if_retired(self) -> None:
+        if self.retired:
+            raise LowerError(f"{self.display} was replaced on the lower mount; this version "
+                             "is no longer there to read")
 
 
 class Pin:

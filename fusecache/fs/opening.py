@@ -99,10 +99,11 @@ class Opener:
         s3fs and ossfs hand an open the state they hold for a path still open, pages
         and all, while its stat may already be the new version's: those pages would
         be cached as the new version's. So when the open shows a new version and the
-        old one's fd is only kept (fs/keptfds.py), or was closed while this open was
-        under way, that fd and the fresh one are closed, within the source's
-        timeout, and the file opened again on a clean slate. (A handle that still
-        reads the old version holds its fd open; that case remains.)
+        old one's fd is open below (kept, fs/keptfds.py, or held by a handle still on
+        the old version, which then reads nothing more below: `LowerFile.retire`),
+        or was closed while this open was under way, that fd and the fresh one are
+        closed, within the source's timeout, and the file opened again on a clean
+        slate.
         """
         started = trio.current_time()
         fd, ident = await self._source.open(path)
