@@ -41,6 +41,9 @@ class LowerSource(TimedCalls):
     an unhealthy source to become healthy again.
     """
 
+    # s3fs and ossfs share one state per path among its open fds (source_api.Source).
+    shares_open_state = True
+
     def __init__(self, root: os.PathLike[str] | str, config: SourceConfig | None = None,
                  threads: ThreadPolicy | None = None):
         config = config or SourceConfig()

@@ -70,6 +70,10 @@ class Source(Protocol):
 
     timeout: float
     stale_after: float
+    # Whether an open of a path is handed what an fd still open on it loaded, under
+    # the path's current stat (s3fs and ossfs: fs/opening.py must close the old
+    # version's fds before it reads a new one), or not (the object store).
+    shares_open_state: bool
 
     @property
     def healthy(self) -> bool: ...

@@ -252,15 +252,15 @@ class SharedStateLower(CountingSource):
     one (s3fs 1.90, measured on the stand-in: an overwritten object read b'AAAA' with the
     new size and mtime until every fd on it was closed)."""
 
-    def __init__(self, root: Path, snapshots: Path) -> None:
+    def __init__(self, root: Path, snapshots: Path, open_delays: list[float] | None = None
+                 ) -> None:
         super().__init__(root)
         self._snapshots = snapshots
+        self._open_delays = open_delays or []  # one per open, in turn: it answers that late
         self._state: dict[bytes, tuple[Path, int]] = {}  # path -> (its bytes, fds open)
         self._path_of: dict[int, bytes] = {}
 
     async def open(self, path: bytes) -> tuple[int, Identity]:
-        fresh, ident = await super().open(path)  # the current stat, as s3fs answers it
-        await super().close(fresh)
         state, count = self._state.get(path, (None, 0))
         if state is None:  # nothing loaded: this open loads what is there now
             state = self._snapshots / f"{len(self.calls)}"
@@ -268,6 +268,9 @@ class SharedStateLower(CountingSource):
         self._state[path] = (state, count + 1)
         fd = os.open(state, os.O_RDONLY)
         self._path_of[fd] = path
+        await trio.sleep(self._open_delays.pop(0) if self._open_delays else 0)
+        fresh, ident = await super().open(path)  # the current stat, as s3fs answers it
+        await super().close(fresh)
         self.calls[-2:] = [("open", fd)]
         return fd, ident
 
@@ -307,6 +310,38 @@ async def test_a_new_version_is_never_read_through_the_state_of_an_old_handles_f
         assert info.value.errno == errno.EIO
         core.release(old)
         core.release(new)
+
+
+async def test_two_opens_of_a_new_version_at_once_both_read_it(tmp_path: Path) -> None:
+    """The second open's fresh fd shares the old state too: it must be closed before the
+    first is opened again."""
+    (tmp_path / "snapshots").mkdir()
+    # The old handle's open; then the first open of the new version answers soon, the
+    # second only after the first has closed its fd and opened the file again.
+    source = SharedStateLower(tmp_path / "src", tmp_path / "snapshots", [0, 0.05, 0.3])
+    async with make_core(tmp_path, 64 * MiB, source=source) as core:
+        path = tmp_path / "src" / "m"
+        write_ramp(path, 3 * MiB, seed=1)
+        old = await _open(core, b"m")
+        assert bytes(await core.read(old, 0, 4096)) == ramp(0, 4096, seed=1)
+        write_ramp(path, 2 * MiB, seed=2)
+        os.utime(path, ns=(1, 10**18))
+        attr = await core.lookup(ROOT_INODE, b"m")  # shows the new version
+        got: list[bytes] = []
+
+        async def open_and_read() -> None:
+            fh, _ = await core.open(attr.ino, os.O_RDONLY)
+            got.append(bytes(await core.read(fh, 0, 2 * MiB)))
+            core.release(fh)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_and_read)
+            nursery.start_soon(open_and_read)
+        assert got == [ramp(0, 2 * MiB, seed=2)] * 2
+        core.release(old)
+        await trio.sleep(0.05)
+        assert len(core.opener.kept) == 0 or all(
+            not f.retired for f in core.opener.kept._since), "a retired version is not kept"
 
 
 class StuckSecondClose(CountingSource):

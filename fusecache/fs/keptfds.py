@@ -95,8 +95,7 @@ class KeptFds:
         in the background, and a loader opens again within milliseconds.
         """
         self._since.pop(f, None)
-        if await f.retire():
-            return True
+        await f.retire()
         return await f.closed_since(since)
 
     async def close_all(self) -> None:

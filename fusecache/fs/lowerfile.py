@@ -45,11 +45,13 @@ class LowerFile:
         self._nursery = nursery
         self._opening = trio.Lock()
         self._kept = kept
-        # The last close of the fd in the background (close_idle): set once the
-        # lower mount answered it, and when (trio time). An open made before then
-        # may have been handed what the fd had loaded below (fs/keptfds.py).
-        self._closed = trio.Event()
-        self._closed.set()
+        # Every fd of this version is closed in the background (`_close`), counted
+        # until the lower mount answered, and when the last ended (trio time): an
+        # open made before then may have been handed what the fd had loaded below
+        # (fs/keptfds.py).
+        self._closing = 0
+        self._closes_ended = trio.Event()
+        self._closes_ended.set()
         self.closed_at = float("-inf")
         self.retired = False  # replaced below: nothing more is read there
         self._reads = 0  # reads on the fd under way (`reading`)
@@ -65,7 +67,10 @@ class LowerFile:
         self._pins -= 1
         assert self._pins >= 0, "unpin without a pin"
         if self._pins == 0 and self.fd is not None:
-            self._kept.idle(self)
+            if self.retired:
+                self.close_idle()
+            else:
+                self._kept.idle(self)
 
     def take_idle_fd(self) -> int | None:
         """The fd, which the caller closes, if nobody holds a pin; this file has none after."""
@@ -78,31 +83,40 @@ class LowerFile:
         """Close the fd in the background if nobody holds a pin (KeptFds' call)."""
         fd = self.take_idle_fd()
         if fd is not None:
-            self._closed = trio.Event()
-            self._nursery.start_soon(self._close_in_background, fd, self._closed)
+            self._close(fd)
 
-    async def _close_in_background(self, fd: int, closed: trio.Event) -> None:
+    def _close(self, fd: int) -> None:
+        """Close an fd of this version in the background, counted until it is closed."""
+        if self._closing == 0:
+            self._closes_ended = trio.Event()
+        self._closing += 1
+        self._nursery.start_soon(self._close_counted, fd)
+
+    async def _close_counted(self, fd: int) -> None:
         try:
             await self._source.close(fd)
         finally:
             self.closed_at = trio.current_time()
-            closed.set()
+            self._closing -= 1
+            if self._closing == 0:
+                self._closes_ended.set()
 
     async def closed_since(self, since: float) -> bool:
-        """Whether a background close of the fd ended at or after *since* (trio time), or
-        is under way (then waited for)."""
-        if not self._closed.is_set():
-            await self._closed.wait()
+        """Whether an fd of this version was closed at or after *since* (trio time), or is
+        being closed (then waited for)."""
+        if self._closing:
+            await self._closes_ended.wait()
             return True
         return self.closed_at >= since
 
     def attach(self, fd: int) -> None:
-        """Take *fd*, open on this version, unless it has one or nobody holds a pin."""
-        if self.fd is None and self._pins > 0:
+        """Take *fd*, open on this version, unless it has one, nobody holds a pin, or the
+        version is retired."""
+        if self.fd is None and self._pins > 0 and not self.retired:
             self.fd = fd
             self.opened_at = trio.current_time()
         else:
-            self._nursery.start_soon(self._source.close, fd)
+            self._close(fd)
 
     async def lower_fd(self) -> int:
         """An fd open on this version, for a caller holding a pin; opens one if need be."""
@@ -111,7 +125,7 @@ class LowerFile:
             if self.fd is None:
                 fd, ident = await self._source.open(self.ident.path)
                 if ident.key() != self.key:
-                    self._nursery.start_soon(self._source.close, fd)
+                    self._close(fd)
                     raise LowerError(f"{self.display} changed on the lower mount since it "
                                      "was opened")
                 self.attach(fd)
@@ -121,7 +135,8 @@ class LowerFile:
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[int]:
-        """The fd (`lower_fd`), counted as in use by a read until the block ends."""
+        """The fd (`lower_fd`), counted as in use by a read until the block ends (`retire`
+        waits for it)."""
         fd = await self.lower_fd()
         if self._reads == 0:
             self._no_reads = trio.Event()
@@ -133,24 +148,24 @@ class LowerFile:
             if self._reads == 0:
                 self._no_reads.set()
 
-    async def retire(self) -> bool:
+    async def retire(self) -> None:
         """This version was replaced below: read nothing there any more, and close the fd
-        once the reads under way end, pins or not; whether it had one open.
+        once the reads under way end, pins or not (`closed_since` waits for the close).
 
         s3fs and ossfs hand every open of a path what an fd still open on it loaded,
         while the open's stat is already the new version's: a handle still on the
         old version (a mapped model) would have the new version read as the old.
         Its later cache misses fail (LowerError): the old bytes are gone below.
+        A read the source gave up on (its timeout) may still be in its thread, and
+        keep the file open below after the close; the source is unhealthy then,
+        and refuses opens until it answers again.
         """
         self.retired = True
-        if self.fd is None:
-            return False
-        await self._no_reads.wait()  # no read starts now: lower_fd refuses
-        fd, self.fd = self.fd, None
-        if fd is None:
-            return False
-        await self._source.close(fd)
-        return True
+        async with self._opening:  # an open under way in lower_fd attaches first
+            await self._no_reads.wait()  # and no read starts now: lower_fd refuses
+            if self.fd is not None:
+                fd, self.fd = self.fd, None
+                self._close(fd)
 
     def _refuse_if_retired(self) -> None:
         if self.retired:

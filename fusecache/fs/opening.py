@@ -48,6 +48,7 @@ class Opener:
         self._versions = versions
         self._forget = tuple(forget)
         self.kept = kept
+        self._opening: dict[int, trio.Lock] = {}  # one open below per inode at a time
 
     def note_version(self, ino: int, path: bytes, version: Version) -> None:
         """Record the lower file's version; on a change drop the kernel's pages of it.
@@ -103,12 +104,23 @@ class Opener:
         the old version, which then reads nothing more below: `LowerFile.retire`),
         or was closed while this open was under way, that fd and the fresh one are
         closed, within the source's timeout, and the file opened again on a clean
-        slate.
+        slate. Opens of one inode take turns here, so no fresh fd of another open of
+        it can be open below while it is opened again.
         """
+        lock = self._opening.setdefault(ino, trio.Lock())
+        try:
+            async with lock:
+                return await self._open_lower_alone(ino, path)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._opening.pop(ino, None)
+
+    async def _open_lower_alone(self, ino: int, path: bytes) -> tuple[int, Identity]:
         started = trio.current_time()
         fd, ident = await self._source.open(path)
         current = self._versions.opened(ino)
-        if current is None or current.key == ident.key():
+        if (current is None or current.key == ident.key()
+                or not self._source.shares_open_state):
             return fd, ident
         closing = False  # the close below owns *fd*, even one abandoned in its thread
         with trio.move_on_after(self._source.timeout) as waiting:

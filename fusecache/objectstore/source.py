@@ -65,6 +65,9 @@ class ObjectSource(TimedCalls):
     the identity the core passes with each read.
     """
 
+    # Every GET stands alone (source_api.Source): an open of a new version shares nothing.
+    shares_open_state = False
+
     def __init__(self, client: opendal.Operator, location: StoreLocation,
                  config: SourceConfig | None = None, threads: ThreadPolicy | None = None,
                  block_size: int = 1 << 20) -> None:  # CacheConfig.block_size's default
