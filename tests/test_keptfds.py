@@ -252,11 +252,13 @@ class SharedStateLower(CountingSource):
     one (s3fs 1.90, measured on the stand-in: an overwritten object read b'AAAA' with the
     new size and mtime until every fd on it was closed)."""
 
-    def __init__(self, root: Path, snapshots: Path, open_delays: list[float] | None = None
+    def __init__(self, root: Path, snapshots: Path, open_delays: list[float] | None = None,
+                 close_delays: list[float] | None = None, config: SourceConfig | None = None
                  ) -> None:
-        super().__init__(root)
+        super().__init__(root, config)
         self._snapshots = snapshots
         self._open_delays = open_delays or []  # one per open, in turn: it answers that late
+        self._close_delays = close_delays or []  # and per close
         self._state: dict[bytes, tuple[Path, int]] = {}  # path -> (its bytes, fds open)
         self._path_of: dict[int, bytes] = {}
 
@@ -275,12 +277,13 @@ class SharedStateLower(CountingSource):
         return fd, ident
 
     async def close(self, fd: int) -> None:
-        path = self._path_of.pop(fd)
+        await trio.sleep(self._close_delays.pop(0) if self._close_delays else 0)
+        await super().close(fd)
+        path = self._path_of.pop(fd)  # the state goes once the close is answered
         state, count = self._state[path]
         self._state[path] = (state, count - 1)
         if count == 1:
             del self._state[path]
-        await super().close(fd)
 
     async def read_blocks(self, pool: BlockPool, fd: int, offset: int, sizes: list[int],
                           expect: Identity, readahead: bool = False) -> list[Block]:
@@ -316,8 +319,8 @@ async def test_two_opens_of_a_new_version_at_once_both_read_it(tmp_path: Path) -
     """The second open's fresh fd shares the old state too: it must be closed before the
     first is opened again."""
     (tmp_path / "snapshots").mkdir()
-    # The old handle's open; then the first open of the new version answers soon, the
-    # second only after the first has closed its fd and opened the file again.
+    # The old handle's open; then opens of the new version answer late: without turns,
+    # the second open's fresh fd is still open below when the first opens again.
     source = SharedStateLower(tmp_path / "src", tmp_path / "snapshots", [0, 0.05, 0.3])
     async with make_core(tmp_path, 64 * MiB, source=source) as core:
         path = tmp_path / "src" / "m"
@@ -342,6 +345,29 @@ async def test_two_opens_of_a_new_version_at_once_both_read_it(tmp_path: Path) -
         await trio.sleep(0.05)
         assert len(core.opener.kept) == 0 or all(
             not f.retired for f in core.opener.kept._since), "a retired version is not kept"
+
+
+async def test_an_open_that_gave_up_waiting_leaves_its_fd_for_the_next_open_to_wait_for(
+        tmp_path: Path) -> None:
+    """Its fresh fd shares the old state until its slow close is answered: the next open
+    must not be trusted before then."""
+    (tmp_path / "snapshots").mkdir()
+    source = SharedStateLower(tmp_path / "src", tmp_path / "snapshots",
+                              close_delays=[0, 0.8], config=SourceConfig(timeout=0.5))
+    async with make_core(tmp_path, 64 * MiB, source=source) as core:
+        path = tmp_path / "src" / "m"
+        write_ramp(path, 3 * MiB, seed=1)
+        old = await _open(core, b"m")
+        assert bytes(await core.read(old, 0, 4096)) == ramp(0, 4096, seed=1)
+        write_ramp(path, 2 * MiB, seed=2)
+        os.utime(path, ns=(1, 10**18))
+        with pytest.raises(FsError) as info:  # the fresh fd's close takes 0.8 s
+            await _open(core, b"m")
+        assert info.value.errno == errno.EIO
+        new = await _open(core, b"m")  # at once: that close is still under way
+        assert bytes(await core.read(new, 0, 2 * MiB)) == ramp(0, 2 * MiB, seed=2)
+        core.release(new)
+        core.release(old)
 
 
 class StuckSecondClose(CountingSource):

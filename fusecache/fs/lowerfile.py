@@ -45,7 +45,7 @@ class LowerFile:
         self._nursery = nursery
         self._opening = trio.Lock()
         self._kept = kept
-        # Every fd of this version is closed in the background (`_close`), counted
+        # Every fd of this version is closed in the background (`close_counted`), counted
         # until the lower mount answered, and when the last ended (trio time): an
         # open made before then may have been handed what the fd had loaded below
         # (fs/keptfds.py).
@@ -83,10 +83,11 @@ class LowerFile:
         """Close the fd in the background if nobody holds a pin (KeptFds' call)."""
         fd = self.take_idle_fd()
         if fd is not None:
-            self._close(fd)
+            self.close_counted(fd)
 
-    def _close(self, fd: int) -> None:
-        """Close an fd of this version in the background, counted until it is closed."""
+    def close_counted(self, fd: int) -> None:
+        """Close an fd of this version (or one that shares its state below) in the
+        background, counted until the lower mount answered (`closed_since`)."""
         if self._closing == 0:
             self._closes_ended = trio.Event()
         self._closing += 1
@@ -116,7 +117,7 @@ class LowerFile:
             self.fd = fd
             self.opened_at = trio.current_time()
         else:
-            self._close(fd)
+            self.close_counted(fd)
 
     async def lower_fd(self) -> int:
         """An fd open on this version, for a caller holding a pin; opens one if need be."""
@@ -125,7 +126,7 @@ class LowerFile:
             if self.fd is None:
                 fd, ident = await self._source.open(self.ident.path)
                 if ident.key() != self.key:
-                    self._close(fd)
+                    self.close_counted(fd)
                     raise LowerError(f"{self.display} changed on the lower mount since it "
                                      "was opened")
                 self.attach(fd)
@@ -165,7 +166,7 @@ class LowerFile:
             await self._no_reads.wait()  # and no read starts now: lower_fd refuses
             if self.fd is not None:
                 fd, self.fd = self.fd, None
-                self._close(fd)
+                self.close_counted(fd)
 
     def _refuse_if_retired(self) -> None:
         if self.retired:

@@ -107,6 +107,8 @@ class Opener:
         slate. Opens of one inode take turns here, so no fresh fd of another open of
         it can be open below while it is opened again.
         """
+        if not self._source.shares_open_state:
+            return await self._source.open(path)
         lock = self._opening.setdefault(ino, trio.Lock())
         try:
             async with lock:
@@ -119,18 +121,20 @@ class Opener:
         started = trio.current_time()
         fd, ident = await self._source.open(path)
         current = self._versions.opened(ino)
-        if (current is None or current.key == ident.key()
-                or not self._source.shares_open_state):
+        if current is None or current.key == ident.key():
             return fd, ident
-        closing = False  # the close below owns *fd*, even one abandoned in its thread
+        handed = False  # *fd* is the old version's to close
         with trio.move_on_after(self._source.timeout) as waiting:
             if not await self.kept.drop(current, since=started):
                 return fd, ident
-            closing = True
-            await self._source.close(fd)  # it shares the old version's state below
+            # It shares the old version's state below: closed as one of the old
+            # version's fds, so an open that comes after this one gave up waits too.
+            current.close_counted(fd)
+            handed = True
+            await current.closed_since(started)
         if waiting.cancelled_caught:
-            if not closing:
-                self._nursery.start_soon(self._source.close, fd)
+            if not handed:
+                current.close_counted(fd)
             raise SourceUnavailable(f"{os.fsdecode(path)}: closing the old version took "
                                     f"longer than {self._source.timeout:g} s")
         return await self._source.open(path)
