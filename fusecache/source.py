@@ -75,7 +75,7 @@ class LowerSource(TimedCalls):
         """Open a lower file for reading; return its fd and current identity."""
         full = self.full(path)
         return await self._call(self._metadata, partial(_open_and_close, full),
-                                _open_file, full, path)
+                                _open_file, full, path, discard=_close_opened)
 
     async def close(self, fd: int) -> None:
         """Close a lower fd, however long the lower mount takes (never fails fast)."""
@@ -126,6 +126,14 @@ def _open_file(full: bytes, path: bytes) -> tuple[int, Identity]:
         os.close(fd)
         raise
     return fd, Identity(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, etag)
+
+
+def _close_opened(opened: tuple[int, Identity]) -> None:
+    """Close what an open gave after its caller left: never a leaked fd below."""
+    try:
+        os.close(opened[0])
+    except OSError:
+        pass
 
 
 def _open_and_close(full: bytes) -> None:

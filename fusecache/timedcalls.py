@@ -33,13 +33,17 @@ T = TypeVar("T")
 
 
 class _Call:
-    """One call's thread, as seen from both sides: did it start, did it end."""
+    """One call's thread, as seen from both sides: did it start, did it end, with what."""
 
-    __slots__ = ("started", "finished", "abandoned", "since")
+    __slots__ = ("started", "finished", "abandoned", "since", "result")
 
     def __init__(self, since: float) -> None:
         self.started = self.finished = self.abandoned = False
         self.since = since
+        self.result: object = _NONE  # what it returned, until its caller took it
+
+
+_NONE = object()
 
 
 class TimedCalls:
@@ -89,11 +93,15 @@ class TimedCalls:
                                 abandoned_threads=self._abandoned)
 
     async def _call(self, limiter: trio.CapacityLimiter, probe: Callable[[], object] | None,
-                    fn: Callable[..., T], *args: object) -> T:
+                    fn: Callable[..., T], *args: object,
+                    discard: Callable[[T], object] | None = None) -> T:
         """fn(*args) in a worker thread, within the timeout; see the module's docstring.
 
         *probe* repeats the call for the health probe, should it time out (None:
-        the call itself is safe to repeat).
+        the call itself is safe to repeat). *discard* undoes what a call returns
+        after its caller gave up on it (an open's fd, closed in that thread, or
+        in a new one), which would otherwise stay open for good: for s3fs, with
+        the file's state loaded, which every later open of the path would share.
         """
         if not self._healthy:
             self._failed_fast += 1
@@ -107,24 +115,39 @@ class TimedCalls:
         def run() -> T:
             with self._lock:
                 call.started = True
+            result: object = _NONE
             try:
-                return fn(*args)
+                result = fn(*args)
+                return result  # type: ignore[return-value]
             finally:
                 with self._lock:
                     call.finished = True
-                    if call.abandoned:
+                    unwanted = call.abandoned
+                    if unwanted:
                         self._abandoned -= 1
+                    else:
+                        call.result = result
+                if unwanted and discard is not None and result is not _NONE:
+                    discard(result)  # type: ignore[arg-type]
 
+        answered = False
         try:
             with trio.move_on_after(self.timeout):
-                return await trio.to_thread.run_sync(run, limiter=limiter,
-                                                     abandon_on_cancel=True)
+                answer = await trio.to_thread.run_sync(run, limiter=limiter,
+                                                       abandon_on_cancel=True)
+                answered = True
+                return answer
         finally:
             self._metadata_calls.pop(serial, None)
             with self._lock:
                 if not call.finished:  # timed out, or cancelled (unmounting)
                     call.abandoned = True
                     self._abandoned += 1
+                late, call.result = call.result, _NONE
+            if not answered and discard is not None and late is not _NONE:
+                # It ended, but its answer came after the caller gave up.
+                trio.lowlevel.start_thread_soon(partial(discard, late),  # type: ignore[arg-type]
+                                                lambda _: None, name="fusecache discard")
         # Timed out. Waiting for a thread is not the source's fault.
         if not call.started:
             raise SourceUnavailable(f"no thread free for {self.what} in {self.timeout:g} s")

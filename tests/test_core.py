@@ -6,6 +6,7 @@ import errno
 import os
 import random
 import stat
+from pathlib import Path
 
 import pytest
 import trio
@@ -213,3 +214,45 @@ async def test_hung_lower_read_is_eio_not_a_hang(core: FilesystemCore, monkeypat
         assert info.value.errno == errno.EIO
     finally:
         release.set()
+
+
+async def test_an_open_answered_after_its_caller_gave_up_leaves_no_fd_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For s3fs a leaked fd keeps the file's state loaded, which every later open shares."""
+    import threading
+
+    from fusecache import source as source_module
+    from fusecache.config import SourceConfig
+    from fusecache.source import LowerSource
+    from fusecache.source_api import SourceUnavailable
+
+    (tmp_path / "f").write_bytes(b"x")
+    gate, opened = threading.Event(), []
+    real_open = source_module._open_file
+
+    def late_open(full: bytes, path: bytes) -> tuple[int, object]:
+        gate.wait(10)
+        fd, ident = real_open(full, path)
+        opened.append(fd)
+        return fd, ident
+
+    def still_open(fd: int) -> bool:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / "f")
+        except OSError:
+            return False
+
+    monkeypatch.setattr(source_module, "_open_file", late_open)
+    source = LowerSource(tmp_path, SourceConfig(timeout=0.2))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(source.run)
+        with trio.fail_after(5), pytest.raises(SourceUnavailable):
+            await source.open(b"f")
+        monkeypatch.setattr(source_module, "_open_file", real_open)  # for the health probe
+        gate.set()
+        for _ in range(500):
+            if opened and not still_open(opened[0]):
+                break
+            await trio.sleep(0.01)
+        assert opened and not still_open(opened[0]), "the late open's fd was closed"
+        nursery.cancel_scope.cancel()
