@@ -123,12 +123,15 @@ class TimedCalls:
                 with self._lock:
                     call.finished = True
                     unwanted = call.abandoned
-                    if unwanted:
-                        self._abandoned -= 1
-                    else:
-                        call.result = result
-                if unwanted and discard is not None and result is not _NONE:
-                    discard(result)  # type: ignore[arg-type]
+                    if not unwanted and discard is not None:
+                        call.result = result  # for the caller to discard, if it left just now
+                try:
+                    if unwanted and discard is not None and result is not _NONE:
+                        discard(result)  # type: ignore[arg-type]
+                finally:
+                    if unwanted:  # counted until the discard, too, is done
+                        with self._lock:
+                            self._abandoned -= 1
 
         answered = False
         try:
@@ -148,6 +151,7 @@ class TimedCalls:
                 # It ended, but its answer came after the caller gave up.
                 trio.lowlevel.start_thread_soon(partial(discard, late),  # type: ignore[arg-type]
                                                 lambda _: None, name="fusecache discard")
+            del late
         # Timed out. Waiting for a thread is not the source's fault.
         if not call.started:
             raise SourceUnavailable(f"no thread free for {self.what} in {self.timeout:g} s")

@@ -244,15 +244,17 @@ async def test_an_open_answered_after_its_caller_gave_up_leaves_no_fd_open(
 
     monkeypatch.setattr(source_module, "_open_file", late_open)
     source = LowerSource(tmp_path, SourceConfig(timeout=0.2))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(source.run)
-        with trio.fail_after(5), pytest.raises(SourceUnavailable):
-            await source.open(b"f")
-        monkeypatch.setattr(source_module, "_open_file", real_open)  # for the health probe
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(source.run)
+            with trio.fail_after(5), pytest.raises(SourceUnavailable):
+                await source.open(b"f")
+            gate.set()  # it answers at last
+            for _ in range(500):
+                if opened and not still_open(opened[0]):
+                    break
+                await trio.sleep(0.01)
+            assert opened and not still_open(opened[0]), "the late open's fd was closed"
+            nursery.cancel_scope.cancel()
+    finally:
         gate.set()
-        for _ in range(500):
-            if opened and not still_open(opened[0]):
-                break
-            await trio.sleep(0.01)
-        assert opened and not still_open(opened[0]), "the late open's fd was closed"
-        nursery.cancel_scope.cancel()
