@@ -293,6 +293,18 @@ class SharedStateLower(CountingSource):
         return blocks
 
 
+async def _held_then_replaced(core: FilesystemCore, path: Path) -> int:
+    """A handle on *path* (3 MiB, seed 1) that has read its head, still open, once the file
+    was replaced below (2 MiB, seed 2, a new mtime): a model still mapped when its object
+    is overwritten."""
+    write_ramp(path, 3 * MiB, seed=1)
+    old = await _open(core, path.name.encode())
+    assert bytes(await core.read(old, 0, 4096)) == ramp(0, 4096, seed=1)
+    write_ramp(path, 2 * MiB, seed=2)
+    os.utime(path, ns=(1, 10**18))
+    return old
+
+
 async def test_a_new_version_is_never_read_through_the_state_of_an_old_handles_fd(
         tmp_path: Path) -> None:
     """A model still mapped from the old version holds its lower fd open: the new version
@@ -300,12 +312,7 @@ async def test_a_new_version_is_never_read_through_the_state_of_an_old_handles_f
     (tmp_path / "snapshots").mkdir()
     source = SharedStateLower(tmp_path / "src", tmp_path / "snapshots")
     async with make_core(tmp_path, 64 * MiB, source=source) as core:
-        path = tmp_path / "src" / "m"
-        write_ramp(path, 3 * MiB, seed=1)
-        old = await _open(core, b"m")  # a loader's mapping, still open
-        assert bytes(await core.read(old, 0, 4096)) == ramp(0, 4096, seed=1)
-        write_ramp(path, 2 * MiB, seed=2)
-        os.utime(path, ns=(1, 10**18))
+        old = await _held_then_replaced(core, tmp_path / "src" / "m")
         new = await _open(core, b"m")
         assert bytes(await core.read(new, 0, 2 * MiB)) == ramp(0, 2 * MiB, seed=2)
         with pytest.raises(FsError) as info:  # not here, and gone below
@@ -323,12 +330,7 @@ async def test_two_opens_of_a_new_version_at_once_both_read_it(tmp_path: Path) -
     # the second open's fresh fd is still open below when the first opens again.
     source = SharedStateLower(tmp_path / "src", tmp_path / "snapshots", [0, 0.05, 0.3])
     async with make_core(tmp_path, 64 * MiB, source=source) as core:
-        path = tmp_path / "src" / "m"
-        write_ramp(path, 3 * MiB, seed=1)
-        old = await _open(core, b"m")
-        assert bytes(await core.read(old, 0, 4096)) == ramp(0, 4096, seed=1)
-        write_ramp(path, 2 * MiB, seed=2)
-        os.utime(path, ns=(1, 10**18))
+        old = await _held_then_replaced(core, tmp_path / "src" / "m")
         attr = await core.lookup(ROOT_INODE, b"m")  # shows the new version
         got: list[bytes] = []
 
@@ -355,12 +357,7 @@ async def test_an_open_that_gave_up_waiting_leaves_its_fd_for_the_next_open_to_w
     source = SharedStateLower(tmp_path / "src", tmp_path / "snapshots",
                               close_delays=[0, 0.8], config=SourceConfig(timeout=0.5))
     async with make_core(tmp_path, 64 * MiB, source=source) as core:
-        path = tmp_path / "src" / "m"
-        write_ramp(path, 3 * MiB, seed=1)
-        old = await _open(core, b"m")
-        assert bytes(await core.read(old, 0, 4096)) == ramp(0, 4096, seed=1)
-        write_ramp(path, 2 * MiB, seed=2)
-        os.utime(path, ns=(1, 10**18))
+        old = await _held_then_replaced(core, tmp_path / "src" / "m")
         with pytest.raises(FsError) as info:  # the fresh fd's close takes 0.8 s
             await _open(core, b"m")
         assert info.value.errno == errno.EIO
