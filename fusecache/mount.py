@@ -84,9 +84,9 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         core = FilesystemCore(source, cache, nursery, readahead=config.readahead,
                               invalidate=pyfuse3.invalidate_inode, store=store,
                               parallel=config.lower.readahead_threads,
-                              # An object store's fds hold nothing to keep.
+                              # An object store's fds hold nothing below to keep.
                               keep_open=config.lower.keep_open
-                              if isinstance(source, LowerSource) else 0.0)
+                              if source.shares_open_state else 0.0)
         ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
         metrics = _start_metrics(config, core)
         options = set(pyfuse3.default_options)

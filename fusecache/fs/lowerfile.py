@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from fusecache.cache.underway import Underway
 from fusecache.errors import LowerError
 from fusecache.source_api import Identity, Source
 
@@ -49,14 +50,10 @@ class LowerFile:
         # until the lower mount answered, and when the last ended (trio time): an
         # open made before then may have been handed what the fd had loaded below
         # (fs/keptfds.py).
-        self._closing = 0
-        self._closes_ended = trio.Event()
-        self._closes_ended.set()
+        self._closes = Underway()
         self.closed_at = float("-inf")
         self.retired = False  # replaced below: nothing more is read there
-        self._reads = 0  # reads on the fd under way (`reading`)
-        self._no_reads = trio.Event()
-        self._no_reads.set()
+        self._reads = Underway()  # reads on the fd under way (`reading`)
 
     def pin(self) -> None:
         self._pins += 1
@@ -88,9 +85,7 @@ class LowerFile:
     def close_counted(self, fd: int) -> None:
         """Close an fd of this version (or one that shares its state below) in the
         background, counted until the lower mount answered (`closed_since`)."""
-        if self._closing == 0:
-            self._closes_ended = trio.Event()
-        self._closing += 1
+        self._closes.start()
         self._nursery.start_soon(self._close_counted, fd)
 
     async def _close_counted(self, fd: int) -> None:
@@ -98,15 +93,13 @@ class LowerFile:
             await self._source.close(fd)
         finally:
             self.closed_at = trio.current_time()
-            self._closing -= 1
-            if self._closing == 0:
-                self._closes_ended.set()
+            self._closes.end()
 
     async def closed_since(self, since: float) -> bool:
         """Whether an fd of this version was closed at or after *since* (trio time), or is
         being closed (then waited for)."""
-        if self._closing:
-            await self._closes_ended.wait()
+        if self._closes.count:
+            await self._closes.wait_none()
             return True
         return self.closed_at >= since
 
@@ -139,15 +132,11 @@ class LowerFile:
         """The fd (`lower_fd`), counted as in use by a read until the block ends (`retire`
         waits for it)."""
         fd = await self.lower_fd()
-        if self._reads == 0:
-            self._no_reads = trio.Event()
-        self._reads += 1
+        self._reads.start()
         try:
             yield fd
         finally:
-            self._reads -= 1
-            if self._reads == 0:
-                self._no_reads.set()
+            self._reads.end()
 
     async def retire(self) -> None:
         """This version was replaced below: read nothing there any more, and close the fd
@@ -163,7 +152,7 @@ class LowerFile:
         """
         self.retired = True
         async with self._opening:  # an open under way in lower_fd attaches first
-            await self._no_reads.wait()  # and no read starts now: lower_fd refuses
+            await self._reads.wait_none()  # and no read starts now: lower_fd refuses
             if self.fd is not None:
                 fd, self.fd = self.fd, None
                 self.close_counted(fd)
