@@ -114,6 +114,8 @@ class TimedCalls:
 
         def run() -> T:
             with self._lock:
+                if call.abandoned:  # given up before this thread started: nobody waits
+                    return None  # type: ignore[return-value]
                 call.started = True
             result: object = _NONE
             try:
@@ -145,7 +147,8 @@ class TimedCalls:
             with self._lock:
                 if not call.finished:  # timed out, or cancelled (unmounting)
                     call.abandoned = True
-                    self._abandoned += 1
+                    if call.started:  # one not started yet never calls fn, so it
+                        self._abandoned += 1  # is no thread left in the source
                 late, call.result = call.result, _NONE
             if not answered and discard is not None and late is not _NONE:
                 # It ended, but its answer came after the caller gave up.

@@ -258,3 +258,36 @@ async def test_an_open_answered_after_its_caller_gave_up_leaves_no_fd_open(
             nursery.cancel_scope.cancel()
     finally:
         gate.set()
+
+
+async def test_a_call_given_up_before_its_thread_started_is_not_counted_as_abandoned() -> None:
+    """Only a thread left in the source counts: one that never started would count for good."""
+    import threading
+
+    from fusecache.config import SourceConfig
+    from fusecache.source_api import SourceUnavailable
+    from fusecache.threads import ThreadPolicy
+    from fusecache.timedcalls import TimedCalls
+
+    config = SourceConfig(timeout=0.2, metadata_threads=1)
+    calls = TimedCalls(config, ThreadPolicy(config), "the test source")
+    gate = threading.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            async def held() -> None:
+                with pytest.raises(SourceUnavailable):
+                    await calls._meta(gate.wait, 10)
+
+            nursery.start_soon(held)
+            await trio.sleep(0.05)  # it holds the one thread
+            with pytest.raises(SourceUnavailable, match="no thread free"):
+                await calls._meta(lambda: None)
+        assert calls.statistics().abandoned_threads == 1  # the held one, still in the source
+        gate.set()
+        for _ in range(500):  # the held thread ends once the source answers
+            if not calls.statistics().abandoned_threads:
+                break
+            await trio.sleep(0.01)
+        assert calls.statistics().abandoned_threads == 0
+    finally:
+        gate.set()
