@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -83,10 +84,9 @@ async def serve(config: MountConfig, on_ready: Callable[[str | None], None]) -> 
         # fetches a whole-file fill keeps registered (ReadOnce).
         core = FilesystemCore(source, cache, nursery, readahead=config.readahead,
                               invalidate=pyfuse3.invalidate_inode, store=store,
-                              parallel=config.lower.readahead_threads,
                               # An object store's fds hold nothing below to keep.
-                              keep_open=config.lower.keep_open
-                              if source.shares_open_state else 0.0)
+                              lower=config.lower if source.shares_open_state
+                              else replace(config.lower, keep_open=0.0))
         ops = FuseOperations(core, config.kernel.entry_timeout, config.kernel.attr_timeout)
         metrics = _start_metrics(config, core)
         options = set(pyfuse3.default_options)

@@ -6,9 +6,8 @@ The concurrency protocol is written down in docs/design.md.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -56,6 +55,15 @@ class CacheStatistics:
     fetches_in_flight: int  # blocks on their way from below or from disk, now
 
 
+@dataclass
+class _Fills:
+    """The whole-file fills of one file version running now, and the blocks memory handed
+    on to disk meanwhile because the kernel held them whole (see BlockCache.prefetch)."""
+
+    running: int = 0
+    handed: set[int] = field(default_factory=set)
+
+
 class BlockCache:
     """Blocks of lower files, fetched once however many readers want them.
 
@@ -87,10 +95,8 @@ class BlockCache:
         self._served_disk = 0
         self._walks: dict[Hashable, int] = {}  # file key -> the block a walk waits for
         self._handed_to_kernel = 0
-        # While a whole-file fill of a file runs: the blocks it saw memory hand on to
-        # disk because the kernel held them whole (see prefetch), and how many fills.
-        self._handed_in_fill: dict[Hashable, set[int]] = {}
-        self._fills: Counter[Hashable] = Counter()
+        # By file version, while whole-file fills of it run (see prefetch).
+        self._fills: dict[Hashable, _Fills] = {}
 
     def statistics(self) -> CacheStatistics:
         flights = self._flights
@@ -211,9 +217,9 @@ class BlockCache:
         else:
             return  # the writers are behind, or the disk is full: it stays until evicted
         self._handed_to_kernel += 1
-        handed = self._handed_in_fill.get(key[0])
-        if handed is not None:
-            handed.add(key[1])
+        fills = self._fills.get(key[0])
+        if fills is not None:
+            fills.handed.add(key[1])
 
     def _evicted(self, key: BlockKey, block: Block) -> None:
         """A block leaves memory (evicted, or kept out by the scan rule): to the disk tier."""
@@ -266,7 +272,8 @@ class BlockCache:
         """
         bs = self.block_size
         idx, last = start // bs, (min(end, f.size) - 1) // bs
-        handed = self._handed_in_fill.get(f.key, ()) if kernel_keeps else ()
+        fills = self._fills.get(f.key) if kernel_keeps else None
+        handed = fills.handed if fills is not None else set()
         while idx <= last:
             if idx in handed:
                 idx += 1
@@ -277,14 +284,13 @@ class BlockCache:
 
     def fill_started(self, key: Hashable) -> None:
         """A whole-file fill of file version *key* begins (see prefetch)."""
-        self._fills[key] += 1
-        self._handed_in_fill.setdefault(key, set())
+        self._fills.setdefault(key, _Fills()).running += 1
 
     def fill_ended(self, key: Hashable) -> None:
-        self._fills[key] -= 1
-        if not self._fills[key]:
+        fills = self._fills[key]
+        fills.running -= 1
+        if not fills.running:
             del self._fills[key]
-            del self._handed_in_fill[key]
 
     # --- what the daemon's own passes (cache/passes.py) ask ------------------
 

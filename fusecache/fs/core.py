@@ -79,7 +79,8 @@ class FilesystemCore:
     *invalidate* is called (in a worker thread) with an inode number whose
     kernel page cache must be dropped because the lower file changed.
     *store* (inode, offset, data), called in a worker thread, puts data in the
-    kernel's page cache of an inode (FUSE notify_store); None: never.
+    kernel's page cache of an inode (FUSE notify_store); None: never. *lower*
+    gives the fills' parallel fetches and how lower fds are kept open.
 
     Every question to the lower mount goes through the known answers
     (fs/answers.py), and every open through the opener (fs/opening.py), so
@@ -94,9 +95,9 @@ class FilesystemCore:
         invalidate: Callable[[int], None] = lambda ino: None,
         readahead: ReadaheadConfig | None = None,
         store: Callable[[int, int, Block], None] | None = None,
-        parallel: int = SourceConfig.readahead_threads,
-        keep_open: float = SourceConfig.keep_open,
+        lower: SourceConfig | None = None,
     ) -> None:
+        lower = lower or SourceConfig()
         self.readahead = readahead or ReadaheadConfig()
         self.source = source
         self.cache = cache
@@ -105,12 +106,13 @@ class FilesystemCore:
         self.pagecache = PageCache(nursery, cache.block_size, invalidate,
                                    store if self.readahead.feed_page_cache else None,
                                    self.versions.is_current, self._followed)
-        self.readonce = ReadOnce(self.readahead, cache, parallel, nursery,
+        self.readonce = ReadOnce(self.readahead, cache, lower.readahead_threads, nursery,
                                  self.pagecache, cache.disk)
         self.opener = Opener(source, nursery, self.answers, self.pagecache, self.versions,
                              forget=(cache.forget_file, self.readonce.forget),
-                             kept=KeptFds(nursery, source, keep_open, SourceConfig.keep_open_files,
-                                          SourceConfig.keep_open_max, cache.holds_all))
+                             kept=KeptFds(nursery, source, lower.keep_open,
+                                          lower.keep_open_files, lower.keep_open_max,
+                                          cache.holds_all))
         self.warming = Warming(self.opener, self.versions, self.readonce, cache, nursery,
                                source.timeout)
         self._path_of: dict[int, bytes] = {ROOT_INODE: b""}
