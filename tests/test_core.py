@@ -264,12 +264,14 @@ async def test_a_call_given_up_before_its_thread_started_is_not_counted_as_aband
     """Only a thread left in the source counts: one that never started would count for good."""
     import threading
 
+    import trio.testing
+
     from fusecache.config import SourceConfig
     from fusecache.source_api import SourceUnavailable
     from fusecache.threads import ThreadPolicy
     from fusecache.timedcalls import TimedCalls
 
-    config = SourceConfig(timeout=0.2, metadata_threads=1)
+    config = SourceConfig(timeout=1.0, metadata_threads=1)
     calls = TimedCalls(config, ThreadPolicy(config), "the test source")
     gate = threading.Event()
     try:
@@ -279,7 +281,7 @@ async def test_a_call_given_up_before_its_thread_started_is_not_counted_as_aband
                     await calls._meta(gate.wait, 10)
 
             nursery.start_soon(held)
-            await trio.sleep(0.05)  # it holds the one thread
+            await trio.testing.wait_all_tasks_blocked()  # it holds the one thread
             with pytest.raises(SourceUnavailable, match="no thread free"):
                 await calls._meta(lambda: None)
         assert calls.statistics().abandoned_threads == 1  # the held one, still in the source

@@ -6,7 +6,7 @@ The concurrency protocol is written down in docs/design.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Collection, Hashable
 from dataclasses import dataclass, field
 
 import trio
@@ -273,7 +273,7 @@ class BlockCache:
         bs = self.block_size
         idx, last = start // bs, (min(end, f.size) - 1) // bs
         fills = self._fills.get(f.key) if kernel_keeps else None
-        handed = fills.handed if fills is not None else set()
+        handed: Collection[int] = fills.handed if fills is not None else ()
         while idx <= last:
             if idx in handed:
                 idx += 1
