@@ -63,7 +63,10 @@ COUNTERS = {
     "source_failed_fast": ("source_failed_fast", "lower-mount calls refused at once while it "
                            "was not answering"),
     "stale_answers": ("stale_answers", "metadata questions answered from what was known"),
+    "cpu_ms": ("cpu_seconds", "CPU time the daemon used, all threads, user and system"),
 }
+# Counters kept in other units than their metric's: the factor to it.
+SCALES = {"cpu_ms": 1e-3}
 # Gauges: name (fusecache_ + name), help.
 GAUGES = {
     "memory_used": ("memory_used_bytes", "bytes of blocks in the memory cache"),
@@ -115,7 +118,8 @@ class _Collector:
         for key, value in stats.items():
             if key in COUNTERS:
                 name, text = COUNTERS[key]
-                yield CounterMetricFamily(f"fusecache_{name}", text, value=value)
+                yield CounterMetricFamily(f"fusecache_{name}", text,
+                                          value=value * SCALES.get(key, 1))
             elif key in GAUGES:
                 name, text = GAUGES[key]
                 yield GaugeMetricFamily(f"fusecache_{name}", text, value=value)

@@ -73,6 +73,8 @@ def test_metrics_scraped_over_loopback(tmp_path: Path, mount_factory) -> None:
     assert values["fusecache_served_bytes_total"] == stats["served_bytes"]
     assert values["fusecache_source_healthy"] == 1
     assert values["fusecache_resident_memory_bytes"] > 0
+    cpu = stats["cpu_ms"] / 1000  # scraped after: as much or a little more
+    assert 0 < cpu <= values["fusecache_cpu_seconds_total"] < cpu + 5
     names = {n.split("{")[0] for n in values}
     assert all(n.startswith("fusecache_") for n in names), names
     counters = {n for n in names if n.endswith("_total")}

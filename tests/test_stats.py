@@ -56,10 +56,11 @@ def test_stats_table(read_once) -> None:
     assert res.stdout.splitlines()[0] == f"fusecache stats {read_once.mnt}"
     for row in ("reads served", "from memory", "from disk", "from below", "read from below",
                 "saved vs plain", "read-ahead", "memory cache", "disk cache", "timeouts",
-                "errors", "daemon RSS"):
+                "errors", "daemon RSS", "daemon CPU"):
         assert row in rows, (row, res.stdout)
     assert "6.0 MiB in" in rows["read from below"]
     assert "%" in rows["from memory"]
+    assert "s per GB served and fed" in rows["daemon CPU"]
 
 
 def test_stats_watch_prints_rates(read_once) -> None:
@@ -76,13 +77,14 @@ def test_stats_watch_prints_rates(read_once) -> None:
     assert proc.returncode == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["time", "served/s", "below/s", "fed/s", "reads/s", "cache",
-                                "hits", "memory", "rss"]
+                                "hits", "memory", "rss", "cpu"]
     assert len(lines) == 4
-    assert all("/s" in line for line in lines[1:])
+    assert all("/s" in line and line.endswith("%") for line in lines[1:])
     res = fusecache_cmd("stats", str(read_once.mnt), "--watch", "0.1", "--count", "1", "--json")
     assert res.returncode == 0
     row = json.loads(res.stdout)
-    assert {"interval", "served_bytes_per_s", "lower_bytes_per_s", "lower_bytes"} <= set(row)
+    assert {"interval", "served_bytes_per_s", "lower_bytes_per_s", "lower_bytes",
+            "cpu_ms_per_s", "cpu_ms"} <= set(row)
 
 
 @pytest.mark.parametrize("bad", [["--watch", "0"], ["--watch", "-1"], ["--watch", "soon"],

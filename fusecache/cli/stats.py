@@ -93,13 +93,23 @@ def table(mount: Path, s: dict[str, int]) -> str:
          f"{s.get('disk_write_errors', 0)}, bad disk blocks {s['validation_failures']}"),
         ("lower mount", "answering" if s["source_healthy"] else "NOT answering"),
         ("daemon RSS", format_size(s["rss_bytes"])),
+        ("daemon CPU", _cpu(s)),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join([f"fusecache stats {mount}"] +
                      [f"{name:<{width}}  {value}" for name, value in rows])
 
 
-RATES = ("served_bytes", "lower_bytes", "fed_bytes", "read_requests")
+def _cpu(s: dict[str, int]) -> str:
+    """The daemon's CPU time, and what it cost per GB handed to the kernel (served and fed)."""
+    seconds = s["cpu_ms"] / 1000
+    handed = s["served_bytes"] + s["fed_bytes"]
+    if not handed:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.1f} s, {seconds / (handed / 1e9):.2f} s per GB served and fed"
+
+
+RATES = ("served_bytes", "lower_bytes", "fed_bytes", "read_requests", "cpu_ms")
 
 
 def _watch(mount: Path, every: float, count: int | None, as_json: bool) -> None:
@@ -107,7 +117,8 @@ def _watch(mount: Path, every: float, count: int | None, as_json: bool) -> None:
     last, at = mounted.read_stats(mount), time.monotonic()
     if not as_json:
         print(f"{'time':8}  {'served/s':>11}  {'below/s':>11}  {'fed/s':>11}  "
-              f"{'reads/s':>8}  {'cache hits':>10}  {'memory':>10}  {'rss':>10}", flush=True)
+              f"{'reads/s':>8}  {'cache hits':>10}  {'memory':>10}  {'rss':>10}  {'cpu':>5}",
+              flush=True)
     reports = 0
     while count is None or reports < count:
         time.sleep(every)
@@ -125,6 +136,7 @@ def _watch(mount: Path, every: float, count: int | None, as_json: bool) -> None:
                   f"{format_size(rate['lower_bytes']):>9}/s  "
                   f"{format_size(rate['fed_bytes']):>9}/s  {rate['read_requests']:8.0f}  "
                   f"{_share(hits, served):>10}  {format_size(now['memory_used']):>10}  "
-                  f"{format_size(now['rss_bytes']):>10}", flush=True)
+                  f"{format_size(now['rss_bytes']):>10}  "
+                  f"{rate['cpu_ms'] / 10:4.0f}%", flush=True)  # of one core
         last, at = now, at_now
         reports += 1

@@ -36,6 +36,7 @@ def daemon_counters(read_requests: int, source: Source, cache: BlockCache,
             "abandoned_threads": src.abandoned_threads,
             "stale_answers": answers.stale_answers,
             "rss_bytes": _rss_bytes(),
+            "cpu_ms": _cpu_ms(),
             **_disk_counters(cache)}
 
 
@@ -49,6 +50,12 @@ def _disk_counters(cache: BlockCache) -> dict[str, int]:
             "disk_writes_refused_full": d.writes_refused_full,
             "disk_full_episodes": d.full_episodes,
             "disk_full_now": int(d.full_now)}
+
+
+def _cpu_ms() -> int:
+    """CPU time the daemon has used, all its threads, user and system, in milliseconds."""
+    t = os.times()
+    return round((t.user + t.system) * 1000)
 
 
 def _rss_bytes() -> int:
