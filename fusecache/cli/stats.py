@@ -102,6 +102,8 @@ def table(mount: Path, s: dict[str, int]) -> str:
 
 def _cpu(s: dict[str, int]) -> str:
     """The daemon's CPU time, and what it cost per GB handed to the kernel (served and fed)."""
+    if "cpu_ms" not in s:  # a daemon from before it was counted
+        return "-"
     seconds = s["cpu_ms"] / 1000
     handed = s["served_bytes"] + s["fed_bytes"]
     if not handed:
@@ -124,7 +126,7 @@ def _watch(mount: Path, every: float, count: int | None, as_json: bool) -> None:
         time.sleep(every)
         now, at_now = mounted.read_stats(mount), time.monotonic()
         dt = at_now - at
-        rate = {k: (now[k] - last[k]) / dt for k in RATES}
+        rate = {k: (now.get(k, 0) - last.get(k, 0)) / dt for k in RATES}
         if as_json:
             print(json.dumps({"interval": dt, **{f"{k}_per_s": v for k, v in rate.items()},
                               **now}, sort_keys=True), flush=True)
