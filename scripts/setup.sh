@@ -21,7 +21,10 @@ if ((${#need[@]})); then
 fi
 
 if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating the venv .venv" >&2
     python3 -m venv .venv
 fi
+echo "setup: installing fusecache and its Python packages (extras: ${EXTRAS:-test}) into .venv;" \
+     "a minute or two the first time" >&2
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -e ".[${EXTRAS:-test}]"

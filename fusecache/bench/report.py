@@ -79,7 +79,8 @@ def format_ideal(cases: list[CaseResult], ideal: Ideal) -> str:
                      "the ideal second switches")
     paired = next((c for c in cases if c.name == "fusecache"), None)
     if paired is not None and paired.switches[0].second_runs:
-        lines.append("  rounds, fusecache / local: " + ", ".join(
+        lines.append("  second switches, all models, round by round: fusecache over the mount / "
+                     "local files: " + ", ".join(
             f"{f:.2f} / {loc:.2f} s" for f, loc in zip(_round_totals(paired),
                                                       _round_totals(ideal.local), strict=True)))
     return "\n".join(lines)

@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of the fusecache command and its subcommands."""
     parser = CommandParser(
         prog="fusecache",
-        description="A read-only caching layer over a slow FUSE mount such as ossfs: "
-        "large parallel read-ahead, a memory block cache, and kernel page-cache reuse.",
+        description="A read-only caching layer over a slow FUSE mount such as ossfs, or over "
+        "the bucket itself (s3://, oss://): large parallel read-ahead, memory and disk block "
+        "caches, kernel page-cache reuse, and each byte of a model fetched once.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action=_Version, nargs=0,

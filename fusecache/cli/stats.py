@@ -23,8 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "stats", help="what a mount has served, from where, and what it cost",
         description="Print a fusecache mount's counters: where reads were served from "
         "(memory, disk, the lower mount), bytes read from the lower mount and saved against "
-        "a plain mount, read-ahead, cache fill, errors and the daemon's memory. The same "
-        "counters are in the xattr user.fusecache.stats of the mount's root.",
+        "a plain mount, read-ahead, cache fill, errors, and the daemon's memory and CPU "
+        "time. The same counters are in the xattr user.fusecache.stats of the mount's root.",
     )
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT",
                    help="a fusecache mount (or any path under one)")
