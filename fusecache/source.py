@@ -79,11 +79,8 @@ class LowerSource(TimedCalls):
 
     async def close(self, fd: int) -> None:
         """Close a lower fd, however long the lower mount takes (never fails fast)."""
-        try:
-            await trio.to_thread.run_sync(os.close, fd, limiter=self._closer,
-                                          abandon_on_cancel=True)
-        except OSError as exc:  # the fd is gone all the same; only the flush failed
-            log.debug("closing a lower fd: %s", exc)
+        await trio.to_thread.run_sync(_close_fd, fd, limiter=self._closer,
+                                      abandon_on_cancel=True)
 
     async def read_blocks(
         self, pool: BlockPool, fd: int, offset: int, sizes: list[int], expect: Identity,
@@ -128,12 +125,16 @@ def _open_file(full: bytes, path: bytes) -> tuple[int, Identity]:
     return fd, Identity(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, etag)
 
 
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError as exc:  # the fd is gone all the same; only the flush failed
+        log.debug("closing a lower fd: %s", exc)
+
+
 def _close_opened(opened: tuple[int, Identity]) -> None:
     """Close what an open gave after its caller left: never a leaked fd below."""
-    try:
-        os.close(opened[0])
-    except OSError:
-        pass
+    _close_fd(opened[0])
 
 
 def _open_and_close(full: bytes) -> None:

@@ -128,18 +128,18 @@ class BlockCache:
     def disk(self) -> DiskTier | None:
         return self._disk
 
+    def _in_memory(self, key: BlockKey) -> bool:
+        """In the memory tier, or waiting there for a disk writer."""
+        return key in self._memory or (self._spill is not None and key in self._spill)
+
     def holds(self, f: CachedFile, idx: int) -> bool:
         """Whether block *idx* of *f* is here: in memory, on its way to disk, or on disk."""
-        key = (f.key, idx)
-        return (key in self._memory or (self._spill is not None and key in self._spill)
+        return (self._in_memory((f.key, idx))
                 or (self._disk is not None and self._disk.contains(f.key, idx)))
 
     def holds_all(self, f: CachedFile) -> bool:
         """Whether every block of *f* is here (see `holds`); stops at the first that is not."""
-        spill = self._spill
-        rest = (idx for idx in range(self.block_count(f))
-                if (key := (f.key, idx)) not in self._memory
-                and (spill is None or key not in spill))
+        rest = (idx for idx in range(self.block_count(f)) if not self._in_memory((f.key, idx)))
         if self._disk is None:
             return next(rest, None) is None
         return self._disk.contains_all(f.key, rest)
